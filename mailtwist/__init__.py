@@ -1,0 +1,1 @@
+"""mailtwist: one small mail server (SMTP, POP3, IMAP over Maildir) on Twisted."""
