@@ -1,0 +1,305 @@
+"""Configuration: one TOML file, a default for every key, clear errors.
+
+Every key has a default, so mailtwist starts with no file at all. A wrong key or
+value raises :class:`ConfigError` whose message names the key (or file) and
+what is allowed; callers print that one line and stop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ROLES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+IMPLICIT_TLS_ROLES = frozenset({"submissions", "imaps", "pop3s"})
+
+STANDARD_PORTS = {
+    "smtp": 25,
+    "submission": 587,
+    "submissions": 465,
+    "imap": 143,
+    "imaps": 993,
+    "pop3": 110,
+    "pop3s": 995,
+}
+UNPRIVILEGED_OFFSET = 10000
+
+DEFAULT_CONFIG_FILE = "mailtwist.toml"
+DEFAULT_DATA_DIR = "mailtwist-data"
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line for the operator."""
+
+
+def default_listeners(unprivileged: bool | None = None) -> dict[str, list[str]]:
+    """Standard ports as root; every port plus 10000 otherwise (2525 is taken too often)."""
+    if unprivileged is None:
+        unprivileged = os.geteuid() != 0
+    offset = UNPRIVILEGED_OFFSET if unprivileged else 0
+    listeners = {}
+    for role, port in STANDARD_PORTS.items():
+        kind = "ssl" if role in IMPLICIT_TLS_ROLES else "tcp"
+        listeners[role] = [f"{kind}:{port + offset}"]
+    return listeners
+
+
+@dataclass
+class SMTPLimits:
+    """Limits of the SMTP server, each with its config key under [smtp]."""
+
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_line: int = 2048
+    max_data_line: int = 65536
+    max_errors: int = 10
+    idle_timeout: int = 300
+
+
+@dataclass
+class Config:
+    """The whole configuration, with defaults for every key."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    hostname: str = field(default_factory=socket.getfqdn)
+    listen: dict[str, list[str]] = field(default_factory=default_listeners)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_plaintext_auth: bool = False
+    bcrypt_rounds: int = 12
+    plus_separator: str = "+"
+    postmaster: str | None = None
+    pop3_idle_timeout: int = 600
+    auth_failure_delay: float = 2.0
+    smtp: SMTPLimits = field(default_factory=SMTPLimits)
+    source: Path | None = None
+
+    @property
+    def cert_path(self) -> Path:
+        return self.tls_cert or self.data_dir / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.tls_key or self.tls_cert or self.data_dir / "tls" / "key.pem"
+
+
+def _expect(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    return value
+
+
+def _positive_int(key: str, value: Any) -> int:
+    _expect(key, value, int, "a positive integer")
+    if value <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _path(base: Path | None, key: str, value: Any) -> Path:
+    _expect(key, value, str, "a file or directory path (string)")
+    if not value:
+        raise ConfigError(f"{key}: expected a path, got an empty string")
+    path = Path(value).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return path
+
+
+def _endpoints(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    _expect(key, value, list, "an endpoint string or a list of them (e.g. \"tcp:25\"), or \"none\"")
+    result = []
+    for item in value:
+        _expect(key, item, str, "endpoint strings such as \"tcp:25\"")
+        if item.strip().lower() == "none":
+            return []
+        if not item.strip():
+            raise ConfigError(f"{key}: empty endpoint string")
+        result.append(item.strip())
+    return result
+
+
+_TOP_KEYS = {
+    "data_dir", "hostname", "allow_plaintext_auth", "bcrypt_rounds",
+    "plus_separator", "postmaster", "listen", "tls", "smtp", "pop3", "auth",
+}
+
+
+def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"unknown key {key!r}; allowed: {', '.join(sorted(_TOP_KEYS))}"
+            )
+    if "data_dir" in raw:
+        config.data_dir = _path(base, "data_dir", raw["data_dir"])
+    if "hostname" in raw:
+        config.hostname = _hostname("hostname", raw["hostname"])
+    if "allow_plaintext_auth" in raw:
+        config.allow_plaintext_auth = _expect(
+            "allow_plaintext_auth", raw["allow_plaintext_auth"], bool, "true or false"
+        )
+    if "bcrypt_rounds" in raw:
+        rounds = _expect("bcrypt_rounds", raw["bcrypt_rounds"], int, "an integer 4..31")
+        if not 4 <= rounds <= 31:
+            raise ConfigError(f"bcrypt_rounds: expected an integer 4..31, got {rounds}")
+        config.bcrypt_rounds = rounds
+    if "plus_separator" in raw:
+        sep = _expect("plus_separator", raw["plus_separator"], str, "one character or \"\"")
+        if len(sep) > 1 or sep in ("@", " ", ":", ","):
+            raise ConfigError(
+                f"plus_separator: expected one character (e.g. \"+\" or \"-\") "
+                f"or \"\" to disable, got {sep!r}"
+            )
+        config.plus_separator = sep
+    if "postmaster" in raw:
+        pm = _expect("postmaster", raw["postmaster"], str, "an address")
+        if pm and "@" not in pm:
+            raise ConfigError(f"postmaster: expected an address like admin@example.org, got {pm!r}")
+        config.postmaster = pm or None
+    if "listen" in raw:
+        listen = _expect("listen", raw["listen"], dict, "a table of role = endpoints")
+        for role, value in listen.items():
+            if role not in ROLES:
+                raise ConfigError(
+                    f"listen.{role}: unknown listener role; allowed: {', '.join(ROLES)}"
+                )
+            config.listen[role] = _endpoints(f"listen.{role}", value)
+    if "tls" in raw:
+        tls = _expect("tls", raw["tls"], dict, "a table with cert and key")
+        for key in tls:
+            if key not in ("cert", "key"):
+                raise ConfigError(f"tls.{key}: unknown key; allowed: cert, key")
+        if "cert" in tls:
+            config.tls_cert = _path(base, "tls.cert", tls["cert"])
+        if "key" in tls:
+            config.tls_key = _path(base, "tls.key", tls["key"])
+    if "smtp" in raw:
+        smtp = _expect("smtp", raw["smtp"], dict, "a table of SMTP limits")
+        allowed = [f.name for f in fields(SMTPLimits)]
+        for key, value in smtp.items():
+            if key not in allowed:
+                raise ConfigError(f"smtp.{key}: unknown key; allowed: {', '.join(allowed)}")
+            setattr(config.smtp, key, _positive_int(f"smtp.{key}", value))
+    if "pop3" in raw:
+        pop3 = _expect("pop3", raw["pop3"], dict, "a table")
+        for key, value in pop3.items():
+            if key != "idle_timeout":
+                raise ConfigError(f"pop3.{key}: unknown key; allowed: idle_timeout")
+            config.pop3_idle_timeout = _positive_int("pop3.idle_timeout", value)
+    if "auth" in raw:
+        auth = _expect("auth", raw["auth"], dict, "a table")
+        for key, value in auth.items():
+            if key != "failure_delay":
+                raise ConfigError(f"auth.{key}: unknown key; allowed: failure_delay")
+            _expect("auth.failure_delay", value, (int, float), "seconds (a number >= 0)")
+            if value < 0:
+                raise ConfigError(f"auth.failure_delay: expected seconds >= 0, got {value}")
+            config.auth_failure_delay = float(value)
+
+
+def _hostname(key: str, value: Any) -> str:
+    _expect(key, value, str, "a host name")
+    labels = value.rstrip(".").split(".")
+    if not value or any(
+        not label or len(label) > 63 or not all(c.isalnum() or c == "-" for c in label)
+        for label in labels
+    ) or not value.isascii():
+        raise ConfigError(f"{key}: {value!r} is not a valid host name (e.g. mail.example.org)")
+    return value.rstrip(".").lower()
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the TOML file (``./mailtwist.toml`` when present if *path* is None),
+    then apply *overrides* (command-line options, same keys as the file; ``listen``
+    roles replace the file's list for that role)."""
+    config = Config()
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
+        try:
+            _apply(config, raw, path.resolve().parent)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        config.source = path
+    if overrides:
+        _apply(config, dict(overrides), Path.cwd())
+    return config
+
+
+def sample_config() -> str:
+    """The commented sample file ``mailtwist init`` writes."""
+    listeners = default_listeners(unprivileged=False)
+    listen_lines = "\n".join(
+        f'# {role} = "{listeners[role][0]}"' for role in ROLES
+    )
+    limits = SMTPLimits()
+    return f"""\
+# mailtwist configuration. Every key is optional; shown are the defaults.
+# Command-line options of `twistd mailtwist` override this file.
+
+# Where accounts, mail, the queue and the self-signed certificate live.
+# data_dir = "{DEFAULT_DATA_DIR}"
+
+# The name this server gives in greetings and Received headers.
+# hostname = "mail.example.org"
+
+# Allow passwords over connections without TLS (never do this on the Internet).
+# allow_plaintext_auth = false
+
+# Cost of new password hashes.
+# bcrypt_rounds = 12
+
+# user+tag@domain is delivered to user@domain; "" disables.
+# plus_separator = "+"
+
+# Who gets postmaster@ mail of every domain without its own alias/account
+# (default: the first account in the users file).
+# postmaster = "admin@example.org"
+
+[listen]
+# Twisted endpoint strings, a string or a list; "none" disables a role.
+# As root the standard ports are used; otherwise each port plus {UNPRIVILEGED_OFFSET}.
+# "ssl:PORT" without a key uses the certificate from [tls].
+{listen_lines}
+
+[tls]
+# PEM files; a self-signed certificate is made in data_dir/tls on first start.
+# cert = "/etc/letsencrypt/live/mail.example.org/fullchain.pem"
+# key = "/etc/letsencrypt/live/mail.example.org/privkey.pem"
+
+[smtp]
+# max_message_size = {limits.max_message_size}
+# max_recipients = {limits.max_recipients}
+# max_command_line = {limits.max_command_line}
+# max_data_line = {limits.max_data_line}
+# max_errors = {limits.max_errors}
+# idle_timeout = {limits.idle_timeout}
+
+[pop3]
+# idle_timeout = 600
+
+[auth]
+# Seconds to wait before answering a failed login.
+# failure_delay = 2.0
+"""
