@@ -1,0 +1,527 @@
+"""The SMTP server: twisted.mail's ESMTP, fed by our sans-IO framer.
+
+Twisted's ESMTP parses with ``LineOnlyReceiver``, which executes plaintext
+pipelined after STARTTLS inside TLS, leaves DATA mode on an overlong line,
+answers pipelined commands out of order when validation is asynchronous and
+turns every end-of-data failure into 550. So this subclass keeps ESMTP's
+connection bookkeeping, TLS start and cred login, but takes bytes through
+:class:`~mailtwist.smtp.wire.SMTPFramer` and handles one command at a time:
+while a command waits on a Deferred (login, delivery) no further input is
+interpreted, so replies always come in order and STARTTLS can drop the rest.
+
+Who may send what where is :class:`~mailtwist.smtp.policy.SMTPPolicy`'s
+business, not this module's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.cred import credentials, error as cred_error
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ITLSTransport
+from twisted.logger import Logger
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.mail.smtp import ESMTP, rfc822date
+
+from mailtwist.delivery import DeliveryError, Mailbox
+from mailtwist.smtp.policy import PolicyReject, SMTPPolicy
+from mailtwist.smtp.wire import (
+    Command,
+    CommandTooLong,
+    DataContent,
+    DataEnd,
+    ParseError,
+    SMTPFramer,
+    parse_mail_from,
+    parse_rcpt_to,
+    parse_size_param,
+    sanitize_header_text,
+)
+
+log = Logger()
+
+MAX_PAUSED_INPUT = 1024 * 1024
+
+
+@dataclass
+class Transaction:
+    """State between MAIL and the end of DATA."""
+
+    sender: str
+    smtputf8: bool = False
+    mailboxes: list[Mailbox] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
+    content: bytearray = field(default_factory=bytearray)
+    too_big: bool = False
+
+
+class MailtwistSMTP(ESMTP):
+    """One SMTP session in one role (smtp, submission, submissions)."""
+
+    def __init__(self, factory: "SMTPFactory") -> None:
+        super().__init__(contextFactory=factory.tls_context)
+        self.factory = factory
+        self.policy: SMTPPolicy = factory.policy
+        limits = factory.config.smtp
+        self.limits = limits
+        self.timeout = limits.idle_timeout
+        self.host = factory.config.hostname
+        self.framer = SMTPFramer(limits.max_command_line, limits.max_data_line)
+        self.transaction: Transaction | None = None
+        self.user: str | None = None
+        self.errors = 0
+        self._busy = False
+        self._paused = False
+        self._auth_step: Callable[[bytes], object] | None = None
+        self._login_user = b""
+        self._quitting = False
+
+    # -- connection ------------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        return self.factory.implicit_tls or self.startedTLS
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.factory.implicit_tls:
+            self.canStartTLS = False
+        else:
+            self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        self._helo = None
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP mailtwist"
+
+    def reply(self, code: int, enhanced: str | None, text: str | list[str]) -> None:
+        lines = [text] if isinstance(text, str) else text
+        prefix = f"{enhanced} " if enhanced else ""
+        body = b"\n".join((prefix + line).encode("utf-8", "replace") for line in lines)
+        self.sendCode(code, body)
+
+    def timeoutConnection(self) -> None:
+        self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.framer.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        while not self._busy and not self._quitting:
+            event = self.framer.next_event()
+            if event is None:
+                break
+            self.resetTimeout()
+            result = self._handle(event)
+            if isinstance(result, defer.Deferred):
+                self._busy = True
+                result.addErrback(self._internal_error)
+                result.addBoth(self._resume)
+        if self._busy and not self._paused and self.framer.buffered > MAX_PAUSED_INPUT:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self, _: object) -> None:
+        self._busy = False
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self.transport is not None and not self.transport.disconnecting:
+            self._process()
+
+    def _internal_error(self, failure) -> None:
+        log.failure("internal error in SMTP session", failure)
+        self.reply(451, "4.3.0", "Error: local error in processing")
+
+    def _handle(self, event: object) -> defer.Deferred | None:
+        if isinstance(event, Command):
+            if self._auth_step is not None:
+                return self._auth_response(event.line)
+            return self._command(event.line)
+        if isinstance(event, CommandTooLong):
+            if self._auth_step is not None:
+                self._auth_step = None
+            self._error(500, "5.5.2", "Error: line too long")
+            return None
+        if isinstance(event, DataContent):
+            self._data_content(event.data)
+            return None
+        if isinstance(event, DataEnd):
+            return self._data_end(event)
+        raise AssertionError(f"unexpected event {event!r}")
+
+    def _error(self, code: int, enhanced: str, text: str) -> None:
+        """A client error: counted, and too many of them end the session."""
+        self.errors += 1
+        if self.errors > self.limits.max_errors:
+            self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: too many errors")
+            self._quitting = True
+            self.transport.loseConnection()
+            return
+        self.reply(code, enhanced, text)
+
+    def _command(self, line: bytes) -> defer.Deferred | None:
+        verb, _, rest = line.strip().partition(b" ")
+        try:
+            name = verb.decode("ascii").upper()
+        except UnicodeDecodeError:
+            name = ""
+        handler = getattr(self, "smtp_" + name, None) if name.isalpha() else None
+        if handler is None:
+            if name in ("GET", "POST", "HEAD", "CONNECT", "PUT"):
+                self.reply(421, "4.7.0", "This is an SMTP server, not a web proxy")
+                self._quitting = True
+                self.transport.loseConnection()
+                return None
+            self._error(500, "5.5.2", "Error: command not recognized")
+            return None
+        return handler(rest.strip())
+
+    def reset_transaction(self) -> None:
+        self.transaction = None
+
+    # -- greeting and session commands -------------------------------------
+
+    def smtp_HELO(self, rest: bytes) -> None:
+        if not rest:
+            self._error(501, "5.5.4", "Syntax: HELO hostname")
+            return
+        self._helo = (rest, self._peer_host())
+        self.reset_transaction()
+        self.sendCode(250, self.host)
+
+    def smtp_EHLO(self, rest: bytes) -> None:
+        if not rest:
+            self._error(501, "5.5.4", "Syntax: EHLO hostname")
+            return
+        self._helo = (rest, self._peer_host())
+        self.reset_transaction()
+        lines = [self.factory.config.hostname, "PIPELINING",
+                 f"SIZE {self.limits.max_message_size}"]
+        if self.canStartTLS and not self.startedTLS:
+            lines.append("STARTTLS")
+        if self._auth_available():
+            lines.append("AUTH PLAIN LOGIN")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        self.reply(250, None, lines)
+
+    def _peer_host(self) -> bytes:
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", peer)).encode("ascii", "replace")
+
+    def smtp_NOOP(self, rest: bytes) -> None:
+        self.reply(250, "2.0.0", "Ok")
+
+    def smtp_RSET(self, rest: bytes) -> None:
+        if rest:
+            self._error(501, "5.5.4", "Syntax: RSET")
+            return
+        self.reset_transaction()
+        self.reply(250, "2.0.0", "Ok")
+
+    def smtp_VRFY(self, rest: bytes) -> None:
+        if not rest:
+            self._error(501, "5.5.4", "Syntax: VRFY address")
+            return
+        self.reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, rest: bytes) -> None:
+        self._error(502, "5.5.1", "Error: EXPN is not supported")
+
+    def smtp_HELP(self, rest: bytes) -> None:
+        self.reply(214, "2.0.0", "Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET "
+                                 "NOOP VRFY HELP QUIT; see RFC 5321")
+
+    def smtp_QUIT(self, rest: bytes) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self._quitting = True
+        self.transport.loseConnection()
+
+    # -- STARTTLS ----------------------------------------------------------
+
+    def smtp_STARTTLS(self, rest: bytes) -> None:
+        if rest:
+            self._error(501, "5.5.4", "Syntax: STARTTLS")
+        elif self.startedTLS or self.factory.implicit_tls:
+            self._error(503, "5.5.1", "Error: TLS already active")
+        elif not self.canStartTLS:
+            self.reply(454, "4.7.0", "TLS not available due to local problem")
+        else:
+            self.reply(220, "2.0.0", "Ready to start TLS")
+            dropped = self.framer.discard_buffer()
+            if dropped:
+                log.warn("discarded {n} bytes pipelined after STARTTLS from {peer}",
+                         n=len(dropped), peer=self._peer_host())
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+            self._helo = None
+            self.reset_transaction()
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------
+
+    def _auth_available(self) -> bool:
+        return (self.policy.offers_auth and self.user is None
+                and (self.secure or self.factory.config.allow_plaintext_auth))
+
+    def smtp_AUTH(self, rest: bytes) -> None:
+        if self._helo is None:
+            self._error(503, "5.5.1", "Error: send EHLO first")
+            return
+        if not self.policy.offers_auth:
+            self._error(503, "5.5.1", "Error: authentication not enabled on this port")
+            return
+        if self.user is not None:
+            self._error(503, "5.5.1", "Error: already authenticated")
+            return
+        if not (self.secure or self.factory.config.allow_plaintext_auth):
+            self._error(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return
+        if self.transaction is not None:
+            self._error(503, "5.5.1", "Error: MAIL transaction in progress")
+            return
+        mechanism, _, initial = rest.partition(b" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if mechanism == b"PLAIN":
+            self._auth_step = self._auth_plain
+            if not initial:
+                self.sendCode(334, b"")
+                return
+        elif mechanism == b"LOGIN":
+            self._auth_step = self._auth_login_user
+            if not initial:
+                self.sendCode(334, base64.b64encode(b"Username:"))
+                return
+        else:
+            self._error(504, "5.5.4", "Error: unsupported authentication mechanism")
+            return
+        return self._auth_response(initial)
+
+    def _auth_response(self, line: bytes) -> defer.Deferred | None:
+        step, self._auth_step = self._auth_step, None
+        if line == b"*":
+            self._error(501, "5.7.0", "Authentication aborted")
+            return None
+        if line == b"=":
+            decoded = b""
+        else:
+            try:
+                decoded = base64.b64decode(line, validate=True)
+            except (binascii.Error, ValueError):
+                self._error(501, "5.5.2", "Error: invalid base64 data")
+                return None
+        return step(decoded)
+
+    def _auth_plain(self, decoded: bytes) -> defer.Deferred | None:
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            self._error(501, "5.5.2", "Error: malformed PLAIN response")
+            return None
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            return self._login(b"", b"")
+        return self._login(authcid, password)
+
+    def _auth_login_user(self, decoded: bytes) -> None:
+        self._login_user = decoded
+        self._auth_step = self._auth_login_password
+        self.sendCode(334, base64.b64encode(b"Password:"))
+
+    def _auth_login_password(self, decoded: bytes) -> defer.Deferred:
+        return self._login(self._login_user, decoded)
+
+    def _login(self, username: bytes, password: bytes) -> defer.Deferred:
+        d = self.portal.login(credentials.UsernamePassword(username, password), None,
+                              IMessageDelivery)
+        d.addCallbacks(self._logged_in, self._login_failed)
+        return d
+
+    def _logged_in(self, result: tuple) -> None:
+        _, avatar, logout = result
+        self.user = avatar.address
+        self.authenticated = True
+        self._onLogout = logout
+        log.info("SMTP AUTH success for {user} from {peer}", user=self.user, peer=self._peer_host())
+        self.reply(235, "2.7.0", "Authentication successful")
+
+    def _login_failed(self, failure) -> defer.Deferred | None:
+        if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+            return failure
+        log.info("SMTP AUTH failure from {peer}", peer=self._peer_host())
+        d = defer.Deferred()
+        self.factory.reactor.callLater(self.factory.config.auth_failure_delay, d.callback, None)
+        d.addCallback(lambda _: self._error(535, "5.7.8",
+                                            "Error: authentication credentials invalid"))
+        return d
+
+    # -- the mail transaction ----------------------------------------------
+
+    def smtp_MAIL(self, rest: bytes) -> None:
+        if self._helo is None:
+            self._error(503, "5.5.1", "Error: send HELO/EHLO first")
+            return
+        if self.transaction is not None:
+            self._error(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            path = parse_mail_from(rest)
+        except ParseError as e:
+            self._error(501, "5.5.4", f"Syntax: MAIL FROM:<address>: {e}")
+            return
+        smtputf8 = False
+        for key, value in path.params.items():
+            if key == "SIZE":
+                try:
+                    size = parse_size_param(value or "")
+                except ParseError:
+                    self._error(501, "5.5.4", "Error: bad SIZE parameter")
+                    return
+                if size > self.limits.max_message_size:
+                    self.reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+                    return
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    self._error(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME")
+                    return
+            elif key == "SMTPUTF8" and value is None:
+                smtputf8 = True
+            elif key == "AUTH":
+                pass
+            else:
+                self._error(555, "5.5.4", f"Error: unsupported MAIL parameter {key}")
+                return
+        if not path.address.isascii() and not smtputf8:
+            self.reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
+            return
+        try:
+            self.policy.check_sender(path.address, self.user)
+        except PolicyReject as e:
+            self.reply(e.code, e.enhanced, e.text)
+            return
+        self.transaction = Transaction(sender=path.address, smtputf8=smtputf8)
+        self.reply(250, "2.1.0", "Ok")
+
+    def smtp_RCPT(self, rest: bytes) -> None:
+        if self.transaction is None:
+            self._error(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            path = parse_rcpt_to(rest)
+        except ParseError as e:
+            self._error(501, "5.5.4", f"Syntax: RCPT TO:<address>: {e}")
+            return
+        if path.params:
+            self._error(555, "5.5.4", f"Error: unsupported RCPT parameter {next(iter(path.params))}")
+            return
+        if not path.address.isascii() and not self.transaction.smtputf8:
+            self.reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
+            return
+        if len(self.transaction.recipients) >= self.limits.max_recipients:
+            self.reply(452, "4.5.3", "Error: too many recipients")
+            return
+        try:
+            accounts = self.policy.route_recipient(path.address, self.user)
+        except PolicyReject as e:
+            self.reply(e.code, e.enhanced, e.text)
+            return
+        self.transaction.recipients.append(path.address)
+        self.transaction.mailboxes.extend(Mailbox(a, path.address) for a in accounts)
+        self.reply(250, "2.1.5", "Ok")
+
+    def smtp_DATA(self, rest: bytes) -> None:
+        if rest:
+            self._error(501, "5.5.4", "Syntax: DATA")
+            return
+        if self.transaction is None:
+            self._error(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not self.transaction.recipients:
+            self._error(554, "5.5.1", "Error: no valid recipients")
+            return
+        self.framer.start_data()
+        self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _data_content(self, data: bytes) -> None:
+        txn = self.transaction
+        if txn.too_big:
+            return
+        if len(txn.content) + len(data) > self.limits.max_message_size:
+            txn.too_big = True
+            txn.content = bytearray()
+            return
+        txn.content += data
+
+    def _data_end(self, event: DataEnd) -> defer.Deferred | None:
+        txn, self.transaction = self.transaction, None
+        if txn.too_big:
+            self.reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+            return None
+        if event.overlong_line:
+            self.reply(550, "5.6.0", f"Error: message has a line longer than "
+                                     f"{self.limits.max_data_line} bytes")
+            return None
+        queue_id = os.urandom(6).hex().upper()
+        message = self.received_header(txn, queue_id) + bytes(txn.content)
+        d = self.factory.delivery.deliver(message, txn.sender, txn.mailboxes)
+        d.addCallbacks(self._delivered, self._delivery_failed, callbackArgs=(txn, queue_id))
+        return d
+
+    def _delivered(self, _: object, txn: Transaction, queue_id: str) -> None:
+        log.info("{id}: from=<{sender}> to={rcpts} size={size} delivered",
+                 id=queue_id, sender=txn.sender, rcpts=",".join(txn.recipients),
+                 size=len(txn.content))
+        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _delivery_failed(self, failure) -> None:
+        if failure.check(DeliveryError):
+            e = failure.value
+            code = 452 if e.enhanced == "4.3.1" else 451
+            self.reply(code if e.temporary else 554, e.enhanced, f"Error: {e}")
+            return
+        log.failure("delivery failed", failure)
+        self.reply(451, "4.3.0", "Error: local error in processing")
+
+    def received_header(self, txn: Transaction, queue_id: str) -> bytes:
+        helo = sanitize_header_text(self._helo[0] if self._helo else b"unknown")
+        peer = sanitize_header_text(self._peer_host())
+        proto = ("UTF8" if txn.smtputf8 else "") + "ESMTP"
+        if self.secure:
+            proto += "S"
+        if self.user is not None:
+            proto += "A"
+        lines = [f"Received: from {helo} ([{peer}])",
+                 f"\tby {self.factory.config.hostname} (mailtwist) with {proto} id {queue_id}"]
+        if len(txn.recipients) == 1:
+            lines.append(f"\tfor <{sanitize_header_text(txn.recipients[0])}>;"
+                         f" {rfc822date().decode()}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{rfc822date().decode()}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """Builds sessions for one listener role."""
+
+    def __init__(self, config, policy: SMTPPolicy, delivery, portal=None, tls_context=None,
+                 implicit_tls: bool = False, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.policy = policy
+        self.delivery = delivery
+        self.portal = portal
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.reactor = reactor
+
+    def buildProtocol(self, addr) -> MailtwistSMTP:
+        p = MailtwistSMTP(self)
+        p.portal = self.portal
+        return p

@@ -1,0 +1,252 @@
+"""``twistd mailtwist``: command-line options and the service tree.
+
+Start-up problems (bad config, endpoint or certificate) print one line,
+``mailtwist: error: ...``, and exit with status 1: no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.mail.pop3 import IMailbox
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mailtwist.config import IMPLICIT_TLS_ROLES, ROLES, Config, ConfigError, load_config
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """Options of ``twistd mailtwist``; each overrides the config file."""
+
+    synopsis = "[options]"
+    longdesc = ("Run the mailtwist mail server (SMTP, submission, POP3). With no "
+                "config and no options it starts on an embedded default in "
+                "./mailtwist-data. Listener options take Twisted endpoint strings "
+                "(e.g. tcp:25, ssl:465, tcp:port=2525:interface=127.0.0.1), may be "
+                "repeated, and 'none' disables that role.")
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: ./mailtwist.toml when present)"],
+        ["data-dir", "d", None, "data directory (default: ./mailtwist-data)"],
+        ["hostname", None, None, "host name for greetings and Received headers"],
+    ]
+    optFlags = [
+        ["allow-plaintext-auth", None, "allow passwords over connections without TLS"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listen: dict[str, list[str]] = {}
+
+    def _listener(role: str):  # noqa: N805 - builds the opt_ methods below
+        def opt(self, endpoint: str) -> None:
+            self.listen.setdefault(role, []).append(endpoint)
+        opt.__doc__ = f"endpoint for the {role} listener (repeatable; 'none' disables)"
+        return opt
+
+    opt_smtp = _listener("smtp")
+    opt_submission = _listener("submission")
+    opt_submissions = _listener("submissions")
+    opt_imap = _listener("imap")
+    opt_imaps = _listener("imaps")
+    opt_pop3 = _listener("pop3")
+    opt_pop3s = _listener("pop3s")
+    del _listener
+
+    def overrides(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if self["data-dir"]:
+            result["data_dir"] = self["data-dir"]
+        if self["hostname"]:
+            result["hostname"] = self["hostname"]
+        if self["allow-plaintext-auth"]:
+            result["allow_plaintext_auth"] = True
+        if self.listen:
+            result["listen"] = dict(self.listen)
+        return result
+
+
+class ListenerService(service.Service):
+    """Listens on one endpoint; says where, or why it could not."""
+
+    def __init__(self, role: str, description: str, endpoint, factory, reactor) -> None:
+        self.role = role
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.port = None
+        self.listening: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        host = port.getHost()
+        log.info("{role} listening on {desc} ({host}:{port})", role=self.role,
+                 desc=self.description, host=getattr(host, "host", host),
+                 port=getattr(host, "port", ""))
+        self.listening.callback(port)
+
+    def _failed(self, failure) -> None:
+        log.critical("cannot listen for {role} on {desc}: {error}", role=self.role,
+                     desc=self.description, error=failure.getErrorMessage())
+        self.listening.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class ThreadPoolService(service.Service):
+    """Starts and stops a thread pool with the application."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class MailService(service.MultiService):
+    """The whole server: every listener plus the pools and stores behind them."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.listeners: dict[str, list[ListenerService]] = {}
+
+    def port_of(self, role: str, index: int = 0) -> int:
+        return self.listeners[role][index].port.getHost().port
+
+
+def _endpoint(reactor, role: str, description: str, tls_context):
+    """The endpoint and whether our factory must be wrapped in TLS (implicit-TLS roles
+    given ``ssl:``/``tcp:`` without a key use the configured certificate)."""
+    wrap = False
+    if role in IMPLICIT_TLS_ROLES:
+        kind, _, rest = description.partition(":")
+        if kind in ("ssl", "tcp") and "privateKey=" not in rest and "certKey=" not in rest:
+            description = "tcp:" + rest
+            wrap = True
+    try:
+        return serverFromString(reactor, description), wrap
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"listen.{role}: bad endpoint {description!r}: {e}") from None
+
+
+def _demo_account(config: Config, directory) -> None:
+    """A fresh data directory gets a demo domain and user, so the server is usable at once."""
+    if (config.data_dir / "domains").exists():
+        return
+    domain = "example.test"
+    password = secrets.token_urlsafe(12)
+    directory.add_domain(domain)
+    directory.add_account(f"demo@{domain}", password)
+    path = config.data_dir / "demo-password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"demo@{domain} {password}\n")
+    log.warn("new data directory: created demo account demo@{domain}; its password is in "
+             "{path}. Add your own domain with: mailtwist domain add yourdomain.org",
+             domain=domain, path=path)
+
+
+def build_service(config: Config, reactor=None) -> MailService:
+    """Build the service tree for *config*; ConfigError for anything unusable."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from mailtwist.auth import build_portal
+    from mailtwist.delivery import LocalDelivery
+    from mailtwist.directory import FileDirectory
+    from mailtwist.pop3 import POP3Factory, register_pop3
+    from mailtwist.smtp.policy import SMTPPolicy, register_smtp
+    from mailtwist.smtp.server import SMTPFactory
+    from mailtwist.storage.store import MailStore
+    from mailtwist.tls import ensure_certificate, server_context_factory
+
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot create {config.data_dir}: {e.strerror}") from None
+    if config.tls_cert is None:
+        try:
+            cert, key, fp = ensure_certificate(config.data_dir, config.hostname)
+        except OSError as e:
+            raise ConfigError(f"tls: cannot create a certificate in "
+                              f"{config.data_dir / 'tls'}: {e.strerror}") from None
+        log.info("TLS certificate {cert} (self-signed) SHA-256 fingerprint {fp}",
+                 cert=cert, fp=fp)
+    tls_context = server_context_factory(config.cert_path, config.key_path)
+
+    directory = FileDirectory(config.data_dir, plus_separator=config.plus_separator,
+                              postmaster=config.postmaster)
+    directory.bcrypt_rounds = config.bcrypt_rounds
+    _demo_account(config, directory)
+    store = MailStore(config.data_dir / "mail", config.hostname)
+
+    top = MailService(config)
+    auth_pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="bcrypt")
+    io_pool = ThreadPool(minthreads=0, maxthreads=8, name="mail-io")
+    ThreadPoolService(auth_pool).setServiceParent(top)
+    ThreadPoolService(io_pool).setServiceParent(top)
+    portal, realm = build_portal(directory, reactor, auth_pool)
+    delivery = LocalDelivery(store, reactor, io_pool)
+    register_smtp(realm, directory, delivery)
+    register_pop3(realm, store, reactor, io_pool)
+    top.directory, top.store, top.delivery, top.portal = directory, store, delivery, portal
+
+    for role in ROLES:
+        for description in config.listen.get(role, []):
+            endpoint, wrap = _endpoint(reactor, role, description, tls_context)
+            implicit = role in IMPLICIT_TLS_ROLES
+            if role in ("smtp", "submission", "submissions"):
+                factory = SMTPFactory(config, SMTPPolicy(role, directory), delivery, portal,
+                                      tls_context, implicit_tls=implicit, reactor=reactor)
+            elif role in ("pop3", "pop3s"):
+                factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
+                                      reactor=reactor, threadpool=io_pool)
+            else:
+                log.warn("{role} on {desc}: IMAP is not implemented yet; not listening",
+                         role=role, desc=description)
+                continue
+            if wrap:
+                factory = TLSMemoryBIOFactory(tls_context, False, factory)
+            listener = ListenerService(role, description, endpoint, factory, reactor)
+            listener.setServiceParent(top)
+            top.listeners.setdefault(role, []).append(listener)
+    return top
+
+
+def makeService(options: Options) -> service.IService:
+    """twistd's entry point: build from the config file plus options, or exit with one line."""
+    try:
+        config = load_config(options["config"], options.overrides())
+        return build_service(config)
+    except ConfigError as e:
+        sys.stderr.write(f"mailtwist: error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)

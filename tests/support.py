@@ -1,0 +1,106 @@
+"""Shared test fixtures: the real service on 127.0.0.1 port 0 with a temp data dir."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+
+from mailtwist.config import ROLES, load_config
+from mailtwist.tap import MailService, build_service
+
+DOMAIN = "example.test"
+PASSWORD = "correct horse battery staple"
+SERVED_ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """A client context that accepts the server's self-signed certificate."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ServerMixin:
+    """Starts mailtwist for a test and stops it afterwards."""
+
+    server: MailService
+
+    @defer.inlineCallbacks
+    def start_server(self, accounts=("alice", "bob"), **overrides):
+        self.data_dir = Path(self.mktemp()).resolve()
+        settings = {
+            "data_dir": str(self.data_dir),
+            "hostname": "mx.example.test",
+            "bcrypt_rounds": 4,
+            "listen": {role: ["tcp:0:interface=127.0.0.1"] if role in SERVED_ROLES else "none"
+                       for role in ROLES},
+            "auth": {"failure_delay": 0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                settings[key] = {**settings[key], **value}
+            else:
+                settings[key] = value
+        self.data_dir.mkdir(parents=True)
+        (self.data_dir / "domains").write_text(f"{DOMAIN}\n")
+        self.config = load_config(None, settings)
+        self.server = build_service(self.config, reactor)
+        self.directory = self.server.directory
+        for name in accounts:
+            self.directory.add_account(f"{name}@{DOMAIN}", PASSWORD)
+        self.server.startService()
+        self.addCleanup(self.server.stopService)
+        for listeners in self.server.listeners.values():
+            for listener in listeners:
+                yield listener.listening
+        return self.server
+
+    def port(self, role: str) -> int:
+        return self.server.port_of(role)
+
+    def maildir_files(self, account: str, folder_dir: str = "") -> list[Path]:
+        """Message files of *account* (INBOX, or the '.Folder' dir given), new and cur."""
+        base = self.server.store.path_for(account) / folder_dir
+        return sorted(p for sub in ("new", "cur") if (base / sub).is_dir()
+                      for p in (base / sub).iterdir())
+
+    def in_thread(self, f, *args, **kwargs) -> defer.Deferred:
+        return deferToThread(f, *args, **kwargs)
+
+
+def raw_exchange(port: int, chunks: list[bytes], timeout: float = 5.0) -> bytes:
+    """Send each chunk on one plain TCP connection and return all that came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        received = bytearray(sock.recv(4096))
+        for chunk in chunks:
+            sock.sendall(chunk)
+            received += read_some(sock)
+        return bytes(received)
+
+
+def read_some(sock: socket.socket, wait: float = 0.5) -> bytes:
+    """Whatever arrives until the peer is quiet for *wait* seconds or closes."""
+    data = bytearray()
+    sock.settimeout(wait)
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, TimeoutError):
+        pass
+    return bytes(data)
+
+
+def require_program(testcase, name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        testcase.skipTest(f"{name} is not installed (.ci/run installs it)")
+    return path
