@@ -16,9 +16,12 @@ from mailtwist.config import ConfigError, default_listeners, load_config, sample
 ROOT = Path(__file__).resolve().parent.parent
 
 
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
 def twistd(*args: str, cwd: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "twisted", *args], cwd=cwd, env=env,
+    return subprocess.run([*TWISTD, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,7 +93,7 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
     def test_bad_config_file(self):
-        bad = Path(self.mktemp())
+        bad = Path(self.mktemp()).resolve()
         bad.write_text("[smtp]\nmax_recipients = 0\n")
         self.assertStartupError(["--config", str(bad)], str(bad), "smtp.max_recipients")
 
@@ -102,7 +105,7 @@ class TwistdTests(unittest.TestCase):
                                 "bogus:25")
 
     def test_unreadable_certificate(self):
-        cfg = Path(self.mktemp())
+        cfg = Path(self.mktemp()).resolve()
         cfg.write_text('[tls]\ncert = "/nonexistent/cert.pem"\n')
         self.assertStartupError(["--config", str(cfg), "--data-dir", "d"], "tls.cert",
                                 "/nonexistent/cert.pem")
@@ -111,7 +114,7 @@ class TwistdTests(unittest.TestCase):
         cwd = Path(self.mktemp())
         cwd.mkdir()
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        args = [sys.executable, "-m", "twisted", "-n", "mailtwist"]
+        args = [*TWISTD, "-n", "mailtwist"]
         for role in ("smtp", "submission", "submissions", "pop3", "pop3s"):
             args += [f"--{role}", "tcp:0:interface=127.0.0.1"]
         args += ["--imap", "none", "--imaps", "none"]
