@@ -161,8 +161,12 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
         config.plus_separator = sep
     if "postmaster" in raw:
         pm = _expect("postmaster", raw["postmaster"], str, "an address")
-        if pm and "@" not in pm:
-            raise ConfigError(f"postmaster: expected an address like admin@example.org, got {pm!r}")
+        if pm:
+            from mailtwist.directory import DirectoryError, validate_address
+            try:
+                pm = validate_address(pm)
+            except DirectoryError as e:
+                raise ConfigError(f"postmaster: {e}") from None
         config.postmaster = pm or None
     if "listen" in raw:
         listen = _expect("listen", raw["listen"], dict, "a table of role = endpoints")

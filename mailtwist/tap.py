@@ -243,10 +243,12 @@ def build_service(config: Config, reactor=None) -> MailService:
 
 def makeService(options: Options) -> service.IService:
     """twistd's entry point: build from the config file plus options, or exit with one line."""
+    from mailtwist.directory import DirectoryError
+
     try:
         config = load_config(options["config"], options.overrides())
         return build_service(config)
-    except ConfigError as e:
+    except (ConfigError, DirectoryError) as e:
         sys.stderr.write(f"mailtwist: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1)

@@ -1,0 +1,494 @@
+"""``mailtwist``: the admin command for the data directory.
+
+Sets up a data directory (``init``) and edits domains, users and aliases
+through `mailtwist.directory.FileDirectory`; a running server picks the
+changes up by itself.  Errors are printed as one line,
+``mailtwist: error: ...``, with exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
+
+from mailtwist.config import (
+    DEFAULT_CONFIG_FILE,
+    Config,
+    ConfigError,
+    load_config,
+    sample_config,
+)
+from mailtwist.directory import (
+    DirectoryError,
+    FileDirectory,
+    validate_address,
+    validate_domain,
+)
+
+PROG = "mailtwist"
+
+_QUOTA_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_QUOTA_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+class CommandError(Exception):
+    """A problem the admin must fix; printed as one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    observer = _print_directory_warnings
+    globalLogPublisher.addObserver(observer)
+    try:
+        args.handler(args)
+    except (CommandError, DirectoryError, ConfigError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(_describe_os_error(e))
+    except (KeyboardInterrupt, EOFError):
+        _fail("interrupted")
+        return 130
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _describe_os_error(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        return f"{error.filename}: {reason}"
+    return reason
+
+
+def _print_directory_warnings(event: LogEvent) -> None:
+    """Show the admin what the directory skipped (malformed lines and such)."""
+    if not event.get("log_namespace", "").startswith("mailtwist."):
+        return
+    if event.get("log_level", LogLevel.info) < LogLevel.warn:
+        return
+    print(f"{PROG}: warning: {formatEvent(event)}", file=sys.stderr)
+
+
+# -- argument parsing ------------------------------------------------------------
+
+
+def _quota(text: str) -> int:
+    match = _QUOTA_RE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid quota {text!r}"
+            " (bytes, optionally with K, M, G or T; 0 = unlimited)"
+        )
+    return int(match.group(1)) * _QUOTA_UNITS[match.group(2).lower()]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before and after the subcommand; SUPPRESS
+    # keeps a subcommand's parser from resetting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, default=argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Administer a mailtwist mail server: domains, users, aliases.",
+        epilog="Changes take effect in a running server without a restart.",
+    )
+    _add_global_options(parser, default=None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        parent: Any, name: str, handler: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help, description=help, parents=[common])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    init = command(
+        commands, "init", _init, "create the data directory and a sample config"
+    )
+    init.add_argument("--domain", help="a first local domain to add")
+    init.add_argument(
+        "--hostname", help="this server's host name (for the certificate)"
+    )
+
+    domain = commands.add_parser(
+        "domain", help="add, delete or list local domains", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    command(domain, "add", _domain_add, "add a local domain").add_argument("domain")
+    command(
+        domain, "del", _domain_del, "delete a domain without accounts or aliases"
+    ).add_argument("domain")
+    command(domain, "list", _domain_list, "list the local domains")
+
+    user = commands.add_parser(
+        "user", help="manage accounts", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = command(user, "add", _user_add, "create an account")
+    add.add_argument("address")
+    add.add_argument(
+        "--quota",
+        type=_quota,
+        default=0,
+        metavar="BYTES",
+        help="mailbox quota in bytes; K, M, G, T suffixes are powers of 1024"
+        " (default: 0, unlimited)",
+    )
+    passwd = command(user, "passwd", _user_passwd, "set an account's password")
+    passwd.add_argument("address")
+    for sub in (add, passwd):
+        sub.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password as one line from standard input"
+            " (otherwise it is asked for twice on the terminal)",
+        )
+    command(
+        user, "del", _user_del, "delete an account (its stored mail is kept)"
+    ).add_argument("address")
+    command(user, "list", _user_list, "list accounts").add_argument(
+        "domain", nargs="?", help="only this domain's accounts"
+    )
+    command(
+        user, "disable", _user_disable, "forbid logins (mail is still delivered)"
+    ).add_argument("address")
+    command(user, "enable", _user_enable, "allow logins again").add_argument("address")
+
+    alias = commands.add_parser(
+        "alias", help="manage aliases and catch-alls", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    alias_add = command(
+        alias,
+        "add",
+        _alias_add,
+        "add an alias (or targets to an existing one); '@domain' is a catch-all",
+    )
+    alias_add.add_argument("alias")
+    alias_add.add_argument("targets", nargs="+", metavar="TARGET")
+    alias_del = command(
+        alias, "del", _alias_del, "delete an alias, or only one of its targets"
+    )
+    alias_del.add_argument("alias")
+    alias_del.add_argument("target", nargs="?")
+    command(alias, "list", _alias_list, "list aliases")
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help=f"TOML config file (default: ./{DEFAULT_CONFIG_FILE} if it exists)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=default,
+        help="data directory (overrides the config; default: ./mailtwist-data)",
+    )
+
+
+# -- shared helpers --------------------------------------------------------------
+
+
+def _load_config(args: argparse.Namespace, **overrides: Any) -> Config:
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    return load_config(args.config, overrides)
+
+
+def _open_directory(config: Config) -> FileDirectory:
+    directory = FileDirectory(
+        config.data_dir,
+        plus_separator=config.plus_separator,
+        postmaster=config.postmaster,
+    )
+    directory.bcrypt_rounds = config.bcrypt_rounds
+    return directory
+
+
+def _directory(args: argparse.Namespace) -> FileDirectory:
+    """Open the existing data directory named by the config and options."""
+    config = _load_config(args)
+    if not config.data_dir.is_dir():
+        raise CommandError(
+            f"data directory '{config.data_dir}' does not exist"
+            " (create it with: mailtwist init, or pass --data-dir)"
+        )
+    return _open_directory(config)
+
+
+def _read_password(args: argparse.Namespace, address: str) -> str:
+    """Read a new password from stdin (--password-stdin) or ask twice on the tty."""
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise CommandError("no password on standard input")
+        if line.endswith("\n"):
+            line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+        return line
+    if not sys.stdin.isatty():
+        raise CommandError(
+            "standard input is not a terminal to ask for the password;"
+            " use --password-stdin"
+        )
+    password = getpass.getpass(f"New password for {address}: ")
+    if getpass.getpass("Repeat the password: ") != password:
+        raise CommandError("the passwords do not match")
+    return password
+
+
+def _local_address(directory: FileDirectory, address: str) -> str:
+    """Canonical address whose domain is local, or CommandError."""
+    canonical = validate_address(address)
+    domain = canonical.rpartition("@")[2]
+    if not directory.is_local_domain(domain):
+        raise CommandError(
+            f"unknown domain {domain!r} (add it with: mailtwist domain add {domain})"
+        )
+    return canonical
+
+
+def _existing_account(directory: FileDirectory, address: str) -> str:
+    canonical = validate_address(address)
+    if directory.get_account(canonical) is None:
+        raise CommandError(f"no account {canonical!r}")
+    return canonical
+
+
+def _format_quota(quota_bytes: int) -> str:
+    return str(quota_bytes) if quota_bytes else "unlimited"
+
+
+# -- init ------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> None:
+    domain = validate_domain(args.domain) if args.domain is not None else None
+    config_path = Path(args.config or DEFAULT_CONFIG_FILE)
+    overrides: dict[str, Any] = {}
+    if args.hostname is not None:
+        overrides["hostname"] = args.hostname
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    wrote_config = not config_path.exists()
+    if wrote_config:
+        _write_sample_config(config_path, args)
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError:
+        if wrote_config:
+            config_path.unlink()
+        raise
+
+    data_dir = config.data_dir
+    if data_dir.is_dir():
+        print(f"data directory {data_dir} already exists")
+    else:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700)
+        os.chmod(data_dir, 0o700)
+        print(f"created data directory {data_dir}")
+    directory = _open_directory(config)
+    for path in directory.initialize():
+        print(f"created {path}")
+
+    from mailtwist.tls import ensure_certificate
+
+    cert_path, key_path, fingerprint = ensure_certificate(data_dir, config.hostname)
+    print(f"TLS certificate {cert_path} (key {key_path})")
+    print(f"  SHA-256 fingerprint {fingerprint}")
+
+    if wrote_config:
+        print(f"wrote sample configuration {config_path} (defaults, commented out)")
+    else:
+        print(f"using existing configuration {config_path}")
+
+    if domain is not None:
+        if directory.is_local_domain(domain):
+            print(f"domain {domain} is already local")
+        else:
+            directory.add_domain(domain)
+            print(f"added domain {domain}")
+    domains = directory.domains()
+
+    config_option = "" if args.config is None else f" --config {args.config}"
+    print()
+    print("Next steps:")
+    if not domains:
+        print(f"  add your domain:   mailtwist{config_option} domain add example.org")
+    example = f"alice@{domains[0] if domains else 'example.org'}"
+    print(f"  add a user:        mailtwist{config_option} user add {example}")
+    print(f"  start the server:  twistd -n mailtwist{config_option}")
+
+
+def _write_sample_config(path: Path, args: argparse.Namespace) -> None:
+    """Write the sample config, with the data_dir and hostname given to init set."""
+    text = sample_config()
+    if args.data_dir is not None:
+        value = json.dumps(str(Path(args.data_dir).resolve()))
+        text = _set_sample_key(text, "data_dir", value)
+    if args.hostname is not None:
+        text = _set_sample_key(text, "hostname", json.dumps(args.hostname))
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _set_sample_key(text: str, key: str, value: str) -> str:
+    """Uncomment the sample's ``# key = ...`` line with a new value."""
+    line = re.compile(rf"^# {re.escape(key)} = .*$", re.MULTILINE)
+    new_text, count = line.subn(lambda _: f"{key} = {value}", text, count=1)
+    if not count:
+        raise CommandError(f"the sample configuration has no {key} setting")
+    return new_text
+
+
+# -- domain ----------------------------------------------------------------------
+
+
+def _domain_add(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    directory.add_domain(args.domain)
+    print(f"added domain {validate_domain(args.domain)}")
+
+
+def _domain_del(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    directory.delete_domain(args.domain)
+    print(f"deleted domain {validate_domain(args.domain)}")
+
+
+def _domain_list(args: argparse.Namespace) -> None:
+    for domain in _directory(args).domains():
+        print(domain)
+
+
+# -- user ------------------------------------------------------------------------
+
+
+def _user_add(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    address = _local_address(directory, args.address)
+    if directory.get_account(address) is not None:
+        raise CommandError(f"account {address!r} already exists")
+    password = _read_password(args, address)
+    account = directory.add_account(address, password, args.quota)
+    quota = _format_quota(account.quota_bytes)
+    print(f"added account {account.address} (quota {quota})")
+
+
+def _user_passwd(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    address = _existing_account(directory, args.address)
+    directory.set_password(address, _read_password(args, address))
+    print(f"changed the password of {address}")
+
+
+def _user_del(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    address = validate_address(args.address)
+    directory.delete_account(address)
+    print(f"deleted account {address}; its stored mail was kept on disk")
+    pointing = [
+        alias for alias, targets in directory.aliases().items() if address in targets
+    ]
+    if pointing:
+        print(f"note: still a target of {', '.join(pointing)} (mailtwist alias del)")
+
+
+def _user_list(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    if args.domain is not None and not directory.is_local_domain(args.domain):
+        raise CommandError(f"unknown domain {args.domain!r}")
+    rows = [
+        (
+            account.address,
+            "enabled" if account.enabled else "disabled",
+            _format_quota(account.quota_bytes),
+        )
+        for account in directory.accounts(args.domain)
+    ]
+    width = max((len(row[0]) for row in rows), default=0)
+    for address, state, quota in rows:
+        print(f"{address:<{width}}  {state:<8}  {quota}")
+
+
+def _user_disable(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    address = validate_address(args.address)
+    directory.set_account_enabled(address, False)
+    print(f"disabled logins of {address} (mail is still delivered)")
+
+
+def _user_enable(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    address = validate_address(args.address)
+    directory.set_account_enabled(address, True)
+    print(f"enabled logins of {address}")
+
+
+# -- alias -----------------------------------------------------------------------
+
+
+def _alias_add(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    directory.add_alias(args.alias, args.targets)
+    if args.alias.startswith("@"):
+        key = "@" + validate_domain(args.alias[1:])
+    else:
+        key = validate_address(args.alias)
+    aliases = directory.aliases()
+    targets = aliases.get(key, ())
+    print(f"{key}: {', '.join(targets)}")
+    if not key.startswith("@") and directory.get_account(key) and key not in targets:
+        print(
+            f"note: {key} is also an account; it now gets no mail unless the alias"
+            f" lists it (mailtwist alias add {key} {key})"
+        )
+    for target in targets:
+        domain = target.rpartition("@")[2]
+        if (
+            directory.is_local_domain(domain)
+            and directory.get_account(target) is None
+            and target not in aliases
+        ):
+            print(f"note: {target} has no account or alias yet")
+
+
+def _alias_del(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    directory.delete_alias(args.alias, args.target)
+    if args.target is None:
+        print(f"deleted alias {args.alias}")
+    else:
+        print(f"removed {args.target} from alias {args.alias}")
+
+
+def _alias_list(args: argparse.Namespace) -> None:
+    for alias, targets in _directory(args).aliases().items():
+        print(f"{alias}: {', '.join(targets)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
