@@ -233,8 +233,10 @@ def build_service(config: Config, reactor=None) -> MailService:
                 log.warn("{role} on {desc}: IMAP is not implemented yet; not listening",
                          role=role, desc=description)
                 continue
+            factory.noisy = False
             if wrap:
                 factory = TLSMemoryBIOFactory(tls_context, False, factory)
+                factory.noisy = False
             listener = ListenerService(role, description, endpoint, factory, reactor)
             listener.setServiceParent(top)
             top.listeners.setdefault(role, []).append(listener)

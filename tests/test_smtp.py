@@ -321,3 +321,67 @@ class SubmissionTests(ServerMixin, unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         [path] = self.maildir_files(f"bob@{DOMAIN}")
         self.assertIn(b"Subject: via curl", path.read_bytes())
+
+
+class LimitsTests(ServerMixin, unittest.TestCase):
+    """Limits that protect the server from a misbehaving client."""
+
+    def setUp(self):
+        return self.start_server(smtp={"max_errors": 3, "max_data_line": 1000})
+
+    @defer.inlineCallbacks
+    def test_too_many_errors_disconnects(self):
+        data = yield self.in_thread(raw_exchange, self.port("smtp"),
+                                    [b"BOGUS\r\n"] * 3 + [b"BOGUS\r\n", b"NOOP\r\n"])
+        lines = data.split(b"\r\n")
+        self.assertEqual([line[:3] for line in lines if line], [b"220", b"500", b"500", b"500",
+                                                               b"421"])
+
+    @defer.inlineCallbacks
+    def test_overlong_data_line_stays_in_data_mode(self):
+        long_line = b"x" * 20000 + b"\r\nMAIL FROM:<evil@remote.test>\r\n"
+        data = yield self.in_thread(raw_exchange, self.port("smtp"), [
+            b"EHLO c.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
+            b"DATA\r\n", b"Subject: long\r\n\r\n" + long_line, b".\r\n", b"NOOP\r\n"])
+        self.assertIn(b"\r\n550 5.6.0 ", data)
+        self.assertTrue(data.endswith(b"250 2.0.0 Ok\r\n"), data[-200:])
+        self.assertEqual(self.maildir_files(f"alice@{DOMAIN}"), [])
+
+    @defer.inlineCallbacks
+    def test_received_header_sanitises_helo(self):
+        yield self.in_thread(raw_exchange, self.port("smtp"), [
+            "EHLO évil\x01host\tname\r\n".encode("utf-8"),
+            b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+            b"Subject: x\r\n\r\nx\r\n.\r\n"])
+        [path] = self.maildir_files(f"alice@{DOMAIN}")
+        received = path.read_bytes().split(b"\n")[2]
+        self.assertEqual(received, b"Received: from ?vil host name ([127.0.0.1])")
+
+
+class LiveDirectoryTests(ServerMixin, unittest.TestCase):
+    """The admin CLI changes what a running server accepts, without a restart."""
+
+    def setUp(self):
+        return self.start_server()
+
+    def cli(self, *args: str) -> int:
+        import contextlib
+        import io
+
+        from mailtwist.cli import main
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return main(["--data-dir", str(self.data_dir), *args])
+
+    def rcpt(self, address: str) -> int:
+        with smtplib.SMTP("127.0.0.1", self.port("smtp"), timeout=10) as client:
+            client.ehlo("c.test")
+            client.mail("s@remote.test")
+            return client.rcpt(address)[0]
+
+    @defer.inlineCallbacks
+    def test_cli_alias_add_and_del(self):
+        self.assertEqual((yield self.in_thread(self.rcpt, f"sales@{DOMAIN}")), 550)
+        self.assertEqual(self.cli("alias", "add", f"sales@{DOMAIN}", f"bob@{DOMAIN}"), 0)
+        self.assertEqual((yield self.in_thread(self.rcpt, f"sales@{DOMAIN}")), 250)
+        self.assertEqual(self.cli("alias", "del", f"sales@{DOMAIN}"), 0)
+        self.assertEqual((yield self.in_thread(self.rcpt, f"sales@{DOMAIN}")), 550)
