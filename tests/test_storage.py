@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -739,6 +741,32 @@ class ConcurrencyTests(StorageTestCase):
         self.assertEqual(scanner.uidnext, 3001)
 
 
+class VirtualClock:
+    """Stands in for the time module in maildir: monotonic() and sleep() are virtual.
+
+    ``sleep`` records its argument, moves the clock on and then calls
+    ``on_sleep`` with the number of sleeps so far; everything else (the
+    wall clock that dates locks) is the real time module.
+    """
+
+    def __init__(self, on_sleep: Callable[[int], None] | None = None) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.on_sleep = on_sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.sleeps))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 class LockTests(StorageTestCase):
     def write_lock(self, md: Maildir, content: str, age: float = 0.0) -> pathlib.Path:
         path = md.root / "dovecot-uidlist.lock"
@@ -749,16 +777,60 @@ class LockTests(StorageTestCase):
         return path
 
     def test_fresh_lock_blocks(self) -> None:
+        """A fresh lock of another host is waited for until LOCK_TIMEOUT, then LockError.
+
+        The waiting runs on a virtual clock, so no assertion depends on how
+        fast the machine is.  Fails if the lock were broken (the scan would
+        succeed and remove it), if the scan gave up before the timeout had
+        passed on its clock or without retrying in between, or if it kept
+        waiting after the first try past the timeout.
+        """
         md = self.make_maildir()
         md.deliver(b"x\n")
         self.patch(maildir, "LOCK_TIMEOUT", 0.3)
+        clock = VirtualClock()
+        self.patch(maildir, "time", clock)
         lock = self.write_lock(md, "1:some-other-host")
-        started = time.monotonic()
         exc = self.assertRaises(LockError, md.folder().scan)
         self.assertIsInstance(exc, OSError)
-        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.assertGreaterEqual(clock.now, 0.3)
+        self.assertLess(sum(clock.sleeps[:-1]), 0.3)
+        self.assertGreater(len(clock.sleeps), 2)
         self.assertTrue(lock.exists())
+        self.assertEqual(lock.read_text(), "1:some-other-host")
         self.assertFalse((md.root / "dovecot-uidlist").exists())
+
+    def test_waiter_takes_the_lock_only_after_release(self) -> None:
+        """A scan that finds the uidlist locked takes the lock once it is released, not before.
+
+        The holder releases the lock while the scan sleeps for the third
+        time; the events are recorded in the order they happen.  Fails if
+        the scan took the lock (or broke it) before the release, or if it
+        gave up instead of trying again after the release.
+        """
+        md = self.make_maildir()
+        md.deliver(b"x\n")
+        lock = self.write_lock(md, "1:some-other-host")
+        events: list[str] = []
+
+        def holder(sleeps: int) -> None:
+            events.append("wait")
+            if sleeps == 3:
+                lock.unlink()
+                events.append("released")
+
+        self.patch(maildir, "time", VirtualClock(holder))
+        acquire = maildir._DotLock.acquire
+
+        def recorded(dotlock: maildir._DotLock) -> None:
+            acquire(dotlock)
+            events.append("acquired")
+
+        self.patch(maildir._DotLock, "acquire", recorded)
+        self.assertEqual([i.uid for i in md.folder().scan()], [1])
+        self.assertEqual(events[:5], ["wait", "wait", "wait", "released", "acquired"])
+        self.assertFalse(lock.exists())
+        self.assertTrue((md.root / "dovecot-uidlist").exists())
 
     def test_stale_lock_is_replaced(self) -> None:
         md = self.make_maildir()
