@@ -33,6 +33,8 @@ from mailtwist.directory import (
     validate_address,
     validate_domain,
 )
+from mailtwist.queue.envelope import EnvelopeError
+from mailtwist.queue.spool import SpoolError
 
 PROG = "mailtwist"
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     globalLogPublisher.addObserver(observer)
     try:
         args.handler(args)
-    except (CommandError, DirectoryError, ConfigError) as e:
+    except (CommandError, DirectoryError, ConfigError, SpoolError, EnvelopeError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(_describe_os_error(e))
@@ -109,7 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Administer a mailtwist mail server: domains, users, aliases.",
+        description="Administer a mailtwist mail server: domains, users, aliases,"
+        " the outbound queue and DKIM keys.",
         epilog="Changes take effect in a running server without a restart.",
     )
     _add_global_options(parser, default=None)
@@ -189,6 +192,43 @@ def _build_parser() -> argparse.ArgumentParser:
     alias_del.add_argument("alias")
     alias_del.add_argument("target", nargs="?")
     command(alias, "list", _alias_list, "list aliases")
+
+    queue = commands.add_parser(
+        "queue", help="inspect and manage the outbound queue", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    command(queue, "list", _queue_list, "list queued messages and why they wait")
+    command(queue, "show", _queue_show, "show one message's envelope and headers").add_argument(
+        "id"
+    )
+    command(
+        queue, "flush", _queue_flush, "retry now (all messages, or the ones given)"
+    ).add_argument("ids", nargs="*", metavar="ID")
+    command(
+        queue, "delete", _queue_delete, "delete messages without notifying anyone"
+    ).add_argument("ids", nargs="+", metavar="ID")
+    command(
+        queue, "bounce", _queue_bounce, "give up on messages and notify their senders"
+    ).add_argument("ids", nargs="+", metavar="ID")
+
+    dkim = commands.add_parser(
+        "dkim", help="DKIM signing keys", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    keygen = command(
+        dkim, "keygen", _dkim_keygen, "make a signing key and print the DNS record"
+    )
+    keygen.add_argument("domain")
+    keygen.add_argument(
+        "--algorithm",
+        choices=["rsa", "ed25519"],
+        default="rsa",
+        help="rsa (2048 bits, understood everywhere) or ed25519 (RFC 8463); default rsa",
+    )
+    keygen.add_argument(
+        "--selector", help="DNS selector (default: ALGORITHM-YYYYMM, e.g. rsa-202611)"
+    )
+    command(dkim, "show", _dkim_show, "print the DNS records of a domain's keys").add_argument(
+        "domain"
+    )
     return parser
 
 
@@ -488,6 +528,136 @@ def _alias_del(args: argparse.Namespace) -> None:
 def _alias_list(args: argparse.Namespace) -> None:
     for alias, targets in _directory(args).aliases().items():
         print(f"{alias}: {', '.join(targets)}")
+
+
+# -- queue -----------------------------------------------------------------------
+
+QUEUE_LOCK_WAIT = 10.0
+
+
+def _spool(args: argparse.Namespace):
+    from mailtwist.queue.service import spool_for
+
+    config = _load_config(args)
+    if not config.data_dir.is_dir():
+        raise CommandError(f"data directory '{config.data_dir}' does not exist")
+    return spool_for(config)
+
+
+def _format_time(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _queue_list(args: argparse.Namespace) -> None:
+    spool = _spool(args)
+    count = 0
+    for entry_id in spool.ids():
+        try:
+            env = spool.load(entry_id)
+        except (EnvelopeError, SpoolError) as e:
+            print(f"{entry_id}  unreadable: {e}")
+            continue
+        count += 1
+        size = spool.message_size(entry_id)
+        print(f"{entry_id}  {size:>9}  {_format_time(env.created)}  <{env.sender}>"
+              f"  attempts={env.attempts}  next={_format_time(env.next_attempt)}")
+        for r in env.recipients:
+            reason = f"  ({r.text})" if r.text else ""
+            print(f"    {r.status:<9} <{r.address}>{reason}")
+    print(f"{count} message{'s' if count != 1 else ''} in the queue")
+
+
+def _queue_show(args: argparse.Namespace) -> None:
+    spool = _spool(args)
+    env = spool.load(args.id)
+    print(env.to_json().decode().rstrip())
+    print()
+    print(spool.read_headers(args.id).decode("utf-8", "replace").replace("\r\n", "\n").rstrip())
+
+
+def _edit_entries(args: argparse.Namespace, ids: list[str], change) -> None:
+    """Apply *change* to each entry under its lock (the server may be running)."""
+    spool = _spool(args)
+    for entry_id in ids:
+        lock = spool.lock(entry_id, wait=QUEUE_LOCK_WAIT)
+        if lock is None:
+            raise CommandError(f"queue entry {entry_id} is being delivered right now;"
+                               " try again")
+        with lock:
+            change(spool, entry_id)
+
+
+def _queue_flush(args: argparse.Namespace) -> None:
+    import time
+
+    spool = _spool(args)
+    ids = args.ids or spool.ids()
+
+    def flush(spool, entry_id: str) -> None:
+        env = spool.load(entry_id)
+        env.next_attempt = time.time()
+        spool.save(env)
+
+    _edit_entries(args, ids, flush)
+    print(f"{len(ids)} message{'s' if len(ids) != 1 else ''} will be retried now"
+          " (a running server notices within queue.scan_interval)")
+
+
+def _queue_delete(args: argparse.Namespace) -> None:
+    _edit_entries(args, args.ids, lambda spool, entry_id: spool.remove(entry_id))
+    for entry_id in args.ids:
+        print(f"deleted {entry_id}")
+
+
+def _queue_bounce(args: argparse.Namespace) -> None:
+    import time
+
+    def bounce(spool, entry_id: str) -> None:
+        env = spool.load(entry_id)
+        now = time.time()
+        for r in env.pending():
+            r.status, r.code, r.enhanced, r.updated = "failed", None, "5.0.0", now
+            r.text = "returned to the sender by the postmaster"
+        env.next_attempt = now
+        spool.save(env)
+
+    _edit_entries(args, args.ids, bounce)
+    for entry_id in args.ids:
+        print(f"{entry_id}: the server returns it to its sender on its next queue scan")
+
+
+# -- dkim ------------------------------------------------------------------------
+
+
+def _dkim_keygen(args: argparse.Namespace) -> None:
+    from mailtwist.dkim import DKIMError, default_selector, generate_key, zone_line
+    from mailtwist.queue.service import dkim_key_dir
+
+    config = _load_config(args)
+    domain = validate_domain(args.domain)
+    selector = args.selector or default_selector(args.algorithm)
+    try:
+        path, value = generate_key(dkim_key_dir(config), domain, selector, args.algorithm)
+    except DKIMError as e:
+        raise CommandError(str(e)) from None
+    print(f"wrote {path}; mail from {domain} is signed with it from now on")
+    print("publish this DNS record:")
+    print(zone_line(selector, domain, value))
+
+
+def _dkim_show(args: argparse.Namespace) -> None:
+    from mailtwist.dkim import public_records, zone_line
+    from mailtwist.queue.service import dkim_key_dir
+
+    config = _load_config(args)
+    domain = validate_domain(args.domain)
+    records = public_records(dkim_key_dir(config), domain)
+    if not records:
+        raise CommandError(f"no DKIM key for {domain} (make one: mailtwist dkim keygen {domain})")
+    for selector, value in records:
+        print(zone_line(selector, domain, value))
 
 
 if __name__ == "__main__":

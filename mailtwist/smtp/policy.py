@@ -3,13 +3,15 @@
 - ``smtp`` (port 25, the world): mail for our domains only; no AUTH.
 - ``submission``/``submissions`` (587/465, our users): AUTH first (only under
   TLS unless configured otherwise), then MAIL FROM one of the user's own
-  addresses and any recipient.
+  addresses and any recipient; other domains go to the outbound queue.
 
-Mail for other domains needs the outbound queue, which does not exist yet: it
-is refused with a clear error rather than accepted and dropped.
+Aliases may forward to other domains on every port: the remote targets are
+queued too.  Unauthenticated mail for other domains is never relayed.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP as IMessage
 from twisted.mail.smtp import SMTPBadRcpt, SMTPBadSender
@@ -17,6 +19,7 @@ from zope.interface import implementer
 
 from mailtwist.delivery import Mailbox
 from mailtwist.directory import FileDirectory
+from mailtwist.queue.envelope import Recipient
 from mailtwist.smtp.wire import split_address
 
 
@@ -30,6 +33,14 @@ class PolicyReject(Exception):
         self.text = text
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where mail for one recipient goes: local accounts and remote addresses."""
+
+    local: tuple[str, ...]
+    remote: tuple[str, ...]
+
+
 class SMTPPolicy:
     """The rules for one listener role."""
 
@@ -38,6 +49,7 @@ class SMTPPolicy:
         self.directory = directory
         self.offers_auth = role in ("submission", "submissions")
         self.requires_auth = self.offers_auth
+        self.offers_dsn = self.offers_auth
 
     def check_sender(self, sender: str, user: str | None) -> None:
         """Raise PolicyReject unless *user* (None: unauthenticated) may use *sender*."""
@@ -60,8 +72,8 @@ class SMTPPolicy:
         return (resolution is not None and resolution.local == (user,)
                 and not resolution.remote)
 
-    def route_recipient(self, recipient: str, user: str | None) -> tuple[str, ...]:
-        """The local accounts that receive mail for *recipient*, or PolicyReject."""
+    def route_recipient(self, recipient: str, user: str | None) -> Route:
+        """Where mail for *recipient* goes, or PolicyReject."""
         if "@" in recipient:
             try:
                 local, domain = split_address(recipient)
@@ -74,26 +86,27 @@ class SMTPPolicy:
         if domain and not self.directory.is_local_domain(domain):
             if user is None:
                 raise PolicyReject(554, "5.7.1", f"<{recipient}>: Relay access denied")
-            raise PolicyReject(550, "5.7.1", f"<{recipient}>: delivery to other domains "
-                                             "is not enabled on this server yet")
+            if domain.startswith("["):
+                raise PolicyReject(550, "5.1.2", f"<{recipient}>: address literals are not "
+                                                 "accepted for delivery to other hosts")
+            return Route((), (recipient,))
         resolution = self.directory.resolve(f"{local}@{domain}" if domain else local)
         if resolution is None or not (resolution.local or resolution.remote):
             raise PolicyReject(550, "5.1.1",
                                f"<{recipient}>: Recipient address rejected: User unknown")
-        if resolution.remote:
-            raise PolicyReject(451, "4.3.0", f"<{recipient}>: forwarding to other domains "
-                                             "is not available yet; try again later")
-        return resolution.local
+        return Route(resolution.local, resolution.remote)
 
 
 @implementer(IMessage)
 class _BufferedMessage:
     """Twisted's line-by-line IMessage, delivered as a whole at end of data."""
 
-    def __init__(self, delivery, sender: str, mailboxes: list[Mailbox]) -> None:
+    def __init__(self, delivery, sender: str, mailboxes: list[Mailbox],
+                 remote: list[Recipient]) -> None:
         self.delivery = delivery
         self.sender = sender
         self.mailboxes = mailboxes
+        self.remote = remote
         self.lines: list[bytes] = []
 
     def lineReceived(self, line: bytes) -> None:
@@ -101,7 +114,8 @@ class _BufferedMessage:
 
     def eomReceived(self):
         message = b"\r\n".join(self.lines) + b"\r\n"
-        return self.delivery.deliver(message, self.sender, self.mailboxes)
+        return self.delivery.deliver(message, self.sender, self.mailboxes, self.remote,
+                                     sign=True)
 
     def connectionLost(self) -> None:
         self.lines = []
@@ -133,11 +147,12 @@ class AuthenticatedSender:
 
     def validateTo(self, user):
         try:
-            accounts = self.policy.route_recipient(str(user.dest), self.address)
+            route = self.policy.route_recipient(str(user.dest), self.address)
         except PolicyReject as e:
             raise SMTPBadRcpt(user, e.code, e.text) from None
-        mailboxes = [Mailbox(a, str(user.dest)) for a in accounts]
-        return lambda: _BufferedMessage(self.delivery, str(user.orig), mailboxes)
+        mailboxes = [Mailbox(a, str(user.dest)) for a in route.local]
+        remote = [Recipient(a) for a in route.remote]
+        return lambda: _BufferedMessage(self.delivery, str(user.orig), mailboxes, remote)
 
 
 def register_smtp(realm, directory: FileDirectory, delivery) -> None:

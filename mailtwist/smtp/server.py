@@ -29,6 +29,17 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import ESMTP, rfc822date
 
 from mailtwist.delivery import DeliveryError, Mailbox
+from mailtwist.dsn import (
+    DSNParameterError,
+    ReportItem,
+    build_report,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+)
+from mailtwist.queue.dispatch import header_section, received_count
+from mailtwist.queue.envelope import Recipient
 from mailtwist.smtp.policy import PolicyReject, SMTPPolicy
 from mailtwist.smtp.wire import (
     Command,
@@ -56,6 +67,10 @@ class Transaction:
     smtputf8: bool = False
     mailboxes: list[Mailbox] = field(default_factory=list)
     recipients: list[str] = field(default_factory=list)
+    remote: list[Recipient] = field(default_factory=list)
+    local_success: list[Recipient] = field(default_factory=list)
+    ret: str | None = None
+    envid: str | None = None
     content: bytearray = field(default_factory=bytearray)
     too_big: bool = False
 
@@ -208,6 +223,8 @@ class MailtwistSMTP(ESMTP):
             lines.append("STARTTLS")
         if self._auth_available():
             lines.append("AUTH PLAIN LOGIN")
+        if self.policy.offers_dsn:
+            lines.append("DSN")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         self.reply(250, None, lines)
 
@@ -375,6 +392,7 @@ class MailtwistSMTP(ESMTP):
             self._error(501, "5.5.4", f"Syntax: MAIL FROM:<address>: {e}")
             return
         smtputf8 = False
+        dsn: dict[str, str] = {}
         for key, value in path.params.items():
             if key == "SIZE":
                 try:
@@ -393,6 +411,12 @@ class MailtwistSMTP(ESMTP):
                 smtputf8 = True
             elif key == "AUTH":
                 pass
+            elif key in ("RET", "ENVID") and self.policy.offers_dsn:
+                try:
+                    dsn[key] = parse_ret(value) if key == "RET" else parse_envid(value)
+                except DSNParameterError as e:
+                    self._error(501, "5.5.4", f"Error: {e}")
+                    return
             else:
                 self._error(555, "5.5.4", f"Error: unsupported MAIL parameter {key}")
                 return
@@ -404,7 +428,8 @@ class MailtwistSMTP(ESMTP):
         except PolicyReject as e:
             self.reply(e.code, e.enhanced, e.text)
             return
-        self.transaction = Transaction(sender=path.address, smtputf8=smtputf8)
+        self.transaction = Transaction(sender=path.address, smtputf8=smtputf8,
+                                       ret=dsn.get("RET"), envid=dsn.get("ENVID"))
         self.reply(250, "2.1.0", "Ok")
 
     def smtp_RCPT(self, rest: bytes) -> None:
@@ -416,9 +441,19 @@ class MailtwistSMTP(ESMTP):
         except ParseError as e:
             self._error(501, "5.5.4", f"Syntax: RCPT TO:<address>: {e}")
             return
-        if path.params:
-            self._error(555, "5.5.4", f"Error: unsupported RCPT parameter {next(iter(path.params))}")
-            return
+        notify, orcpt = None, None
+        for key, value in path.params.items():
+            if key not in ("NOTIFY", "ORCPT") or not self.policy.offers_dsn:
+                self._error(555, "5.5.4", f"Error: unsupported RCPT parameter {key}")
+                return
+            try:
+                if key == "NOTIFY":
+                    notify = parse_notify(value)
+                else:
+                    orcpt = parse_orcpt(value)
+            except DSNParameterError as e:
+                self._error(501, "5.5.4", f"Error: {e}")
+                return
         if not path.address.isascii() and not self.transaction.smtputf8:
             self.reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
             return
@@ -426,12 +461,16 @@ class MailtwistSMTP(ESMTP):
             self.reply(452, "4.5.3", "Error: too many recipients")
             return
         try:
-            accounts = self.policy.route_recipient(path.address, self.user)
+            route = self.policy.route_recipient(path.address, self.user)
         except PolicyReject as e:
             self.reply(e.code, e.enhanced, e.text)
             return
-        self.transaction.recipients.append(path.address)
-        self.transaction.mailboxes.extend(Mailbox(a, path.address) for a in accounts)
+        txn = self.transaction
+        txn.recipients.append(path.address)
+        txn.mailboxes.extend(Mailbox(a, path.address) for a in route.local)
+        txn.remote.extend(Recipient(a, orcpt=orcpt, notify=notify) for a in route.remote)
+        if route.local and notify and "SUCCESS" in notify:
+            txn.local_success.append(Recipient(path.address, orcpt=orcpt, notify=notify))
         self.reply(250, "2.1.5", "Ok")
 
     def smtp_DATA(self, rest: bytes) -> None:
@@ -466,17 +505,39 @@ class MailtwistSMTP(ESMTP):
             self.reply(550, "5.6.0", f"Error: message has a line longer than "
                                      f"{self.limits.max_data_line} bytes")
             return None
+        hops = received_count(bytes(txn.content)) + 1
+        if hops > self.factory.config.queue.max_hops:
+            self.reply(554, "5.4.6", f"Error: too many hops ({hops}): mail loop?")
+            return None
         queue_id = os.urandom(6).hex().upper()
         message = self.received_header(txn, queue_id) + bytes(txn.content)
-        d = self.factory.delivery.deliver(message, txn.sender, txn.mailboxes)
-        d.addCallbacks(self._delivered, self._delivery_failed, callbackArgs=(txn, queue_id))
+        d = self.factory.delivery.deliver(
+            message, txn.sender, txn.mailboxes, txn.remote, ret=txn.ret, envid=txn.envid,
+            user=self.user, sign=self.user is not None, queue_id=queue_id)
+        d.addCallbacks(self._delivered, self._delivery_failed,
+                       callbackArgs=(txn, queue_id, message))
         return d
 
-    def _delivered(self, _: object, txn: Transaction, queue_id: str) -> None:
-        log.info("{id}: from=<{sender}> to={rcpts} size={size} delivered",
+    def _delivered(self, envelope, txn: Transaction, queue_id: str, message: bytes) -> None:
+        log.info("{id}: from=<{sender}> to={rcpts} size={size} {what}",
                  id=queue_id, sender=txn.sender, rcpts=",".join(txn.recipients),
-                 size=len(txn.content))
-        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+                 size=len(txn.content), what="queued" if envelope else "delivered")
+        self.reply(250, "2.0.0", f"Ok: queued as {envelope.id if envelope else queue_id}")
+        if txn.local_success and txn.sender:
+            self._notify_local_success(txn, message)
+
+    def _notify_local_success(self, txn: Transaction, message: bytes) -> None:
+        """RFC 3461 NOTIFY=SUCCESS for local recipients: a "delivered" report."""
+        now = self.factory.reactor.seconds()
+        for r in txn.local_success:
+            r.status, r.enhanced, r.updated = "delivered", "2.0.0", now
+            r.text = f"delivered to mailbox on {self.factory.config.hostname}"
+        report = build_report(hostname=self.factory.config.hostname, to=txn.sender,
+                              items=[ReportItem(r, "delivered") for r in txn.local_success],
+                              headers=header_section(message), envid=txn.envid,
+                              arrival=now, now=now)
+        d = self.factory.delivery.send_notice(report, txn.sender)
+        d.addErrback(lambda f: log.failure("could not send the success notice", f))
 
     def _delivery_failed(self, failure) -> None:
         if failure.check(DeliveryError):

@@ -1,0 +1,1 @@
+"""Sending mail to other hosts: MX routing, the SMTP client, smarthost relay."""
