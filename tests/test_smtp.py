@@ -384,3 +384,20 @@ class LiveDirectoryTests(ServerMixin, unittest.TestCase):
         self.assertEqual((yield self.in_thread(self.rcpt, f"sales@{DOMAIN}")), 250)
         self.assertEqual(self.cli("alias", "del", f"sales@{DOMAIN}"), 0)
         self.assertEqual((yield self.in_thread(self.rcpt, f"sales@{DOMAIN}")), 550)
+
+
+class CommandHygieneTests(ServerMixin, unittest.TestCase):
+    """Guards RFC 5321's CRLF rule for commands: a bare LF, a bare CR or a NUL in a
+    command line is refused, so nothing smuggled that way is ever executed."""
+
+    def setUp(self):
+        return self.start_server()
+
+    @defer.inlineCallbacks
+    def test_bare_lf_cr_and_nul_refused(self):
+        data = yield self.in_thread(raw_exchange, self.port("smtp"), [
+            b"EHLO c.test\r\n", b"NOOP\n", b"NO\rOP\r\n", b"NO\0OP\r\n",
+            b"MAIL FROM:<s@remote.test>\nRCPT TO:<alice@example.test>\r\n", b"QUIT\r\n"])
+        codes = [line[:9] for line in data.split(b"\r\n") if line[3:4] == b" "]
+        self.assertEqual(codes, [b"220 mx.ex", b"250 SMTPU", b"500 5.5.2", b"500 5.5.2",
+                                 b"500 5.5.2", b"500 5.5.2", b"503 5.5.1", b"221 2.0.0"])

@@ -163,7 +163,8 @@ class CommandFramingTests(SynchronousTestCase):
 
     def test_bare_lf_ends_command_line(self) -> None:
         self.assertEqual(
-            run_session([b"HELO a\nNOOP\r\n"]), [Command(b"HELO a"), Command(b"NOOP")]
+            run_session([b"HELO a\nNOOP\r\n"]),
+            [Command(b"HELO a", bare_lf=True), Command(b"NOOP")],
         )
 
     def test_only_one_trailing_cr_is_stripped(self) -> None:
@@ -187,7 +188,7 @@ class CommandFramingTests(SynchronousTestCase):
         framer = SMTPFramer(max_command_line=10)
         self.assertEqual(
             run_session([b"x" * 10 + b"\r\n", b"y" * 10 + b"\n"], framer),
-            [Command(b"x" * 10), Command(b"y" * 10)],
+            [Command(b"x" * 10), Command(b"y" * 10, bare_lf=True)],
         )
 
     def test_overlong_command_then_next_command_parses(self) -> None:

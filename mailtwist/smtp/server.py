@@ -156,6 +156,11 @@ class MailtwistSMTP(ESMTP):
 
     def _handle(self, event: object) -> defer.Deferred | None:
         if isinstance(event, Command):
+            if event.bare_lf or b"\r" in event.line or b"\0" in event.line:
+                self._auth_step = None
+                self._error(500, "5.5.2", "Error: bare <CR>, bare <LF> or NUL in command; "
+                                          "lines must end with <CR><LF>")
+                return None
             if self._auth_step is not None:
                 return self._auth_response(event.line)
             return self._command(event.line)

@@ -38,9 +38,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Command:
-    """One command line, without its line ending."""
+    """One command line, without its line ending.
+
+    ``bare_lf`` is true when the line ended in LF without CR (RFC 5321 requires
+    CRLF; the protocol decides whether to tolerate it).
+    """
 
     line: bytes
+    bare_lf: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,11 +194,12 @@ class SMTPFramer:
             return self._next_command_event()
         line = bytes(buf[:newline])
         del buf[: newline + 1]
-        if line.endswith(b"\r"):
+        bare_lf = not line.endswith(b"\r")
+        if not bare_lf:
             line = line[:-1]
         if len(line) > limit:
             return CommandTooLong()
-        return Command(line)
+        return Command(line, bare_lf)
 
     def _next_data_event(self) -> Event | None:
         buf = self._buf
