@@ -61,6 +61,54 @@ class SMTPLimits:
 
 
 @dataclass
+class QueueSettings:
+    """Retry timing of the outbound queue, each with its config key under [queue].
+
+    Times are seconds; the defaults follow Postfix (first retry after 5 minutes,
+    doubling up to 4 hours, give up after 5 days, warn the sender after 4 hours).
+    """
+
+    retry_first: float = 300.0
+    retry_max: float = 4 * 3600.0
+    max_age: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    scan_interval: float = 60.0
+    max_hops: int = 50
+    concurrency: int = 20
+
+
+@dataclass
+class OutboundSettings:
+    """How the queue talks to the world, each with its config key under [outbound]."""
+
+    port: int = 25
+    dns_servers: list[str] = field(default_factory=list)
+    dns_timeout: float = 10.0
+    ipv6: bool = True
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    tls: str = "may"
+    tls_ca_file: Path | None = None
+    max_recipients: int = 50
+    relay_host: str | None = None
+    relay_port: int = 587
+    relay_tls: str = "starttls"
+    relay_username: str | None = None
+    relay_password: str | None = None
+    relay_password_file: Path | None = None
+    relay_domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DKIMSettings:
+    """DKIM signing of outgoing mail, under [dkim]."""
+
+    sign: bool = True
+    key_dir: Path | None = None
+
+
+@dataclass
 class Config:
     """The whole configuration, with defaults for every key."""
 
@@ -76,6 +124,9 @@ class Config:
     pop3_idle_timeout: int = 600
     auth_failure_delay: float = 2.0
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    dkim: DKIMSettings = field(default_factory=DKIMSettings)
     source: Path | None = None
 
     @property
@@ -129,6 +180,7 @@ def _endpoints(key: str, value: Any) -> list[str]:
 _TOP_KEYS = {
     "data_dir", "hostname", "allow_plaintext_auth", "bcrypt_rounds",
     "plus_separator", "postmaster", "listen", "tls", "smtp", "pop3", "auth",
+    "queue", "outbound", "dkim",
 }
 
 
@@ -207,6 +259,110 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
             if value < 0:
                 raise ConfigError(f"auth.failure_delay: expected seconds >= 0, got {value}")
             config.auth_failure_delay = float(value)
+    _apply_queue(config, raw, base)
+
+
+def _seconds(key: str, value: Any, allow_zero: bool = False) -> float:
+    _expect(key, value, (int, float), "seconds (a number)")
+    if value < 0 or (value == 0 and not allow_zero):
+        what = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: expected seconds {what}, got {value!r}")
+    return float(value)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _table(config_part: Any, name: str, raw: Any) -> dict[str, Any]:
+    table = _expect(name, raw, dict, "a table")
+    allowed = [f.name for f in fields(config_part)]
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}")
+    return table
+
+
+def _apply_queue(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
+    """The [queue], [outbound] and [dkim] tables."""
+    if "queue" in raw:
+        queue = _table(config.queue, "queue", raw["queue"])
+        for key, value in queue.items():
+            if key in ("max_hops", "concurrency"):
+                setattr(config.queue, key, _positive_int(f"queue.{key}", value))
+            else:
+                setattr(config.queue, key,
+                        _seconds(f"queue.{key}", value, allow_zero=key == "delay_warning"))
+    if "outbound" in raw:
+        out = _table(config.outbound, "outbound", raw["outbound"])
+        for key, value in out.items():
+            name = f"outbound.{key}"
+            if key in ("port", "relay_port"):
+                if _positive_int(name, value) > 65535:
+                    raise ConfigError(f"{name}: expected a port 1..65535, got {value}")
+            elif key in ("max_recipients",):
+                _positive_int(name, value)
+            elif key.endswith("_timeout"):
+                value = _seconds(name, value)
+            elif key == "ipv6":
+                _expect(name, value, bool, "true or false")
+            elif key == "tls":
+                _choice(name, value, ("none", "may", "encrypt", "verify"))
+            elif key == "relay_tls":
+                _choice(name, value, ("starttls", "implicit", "verify", "none"))
+            elif key in ("tls_ca_file", "relay_password_file"):
+                value = _path(base, name, value)
+            elif key == "dns_servers":
+                value = _nameservers(name, value)
+            elif key == "relay_domains":
+                value = _domains(name, value)
+            elif key == "relay_host":
+                value = _relay_host(name, value)
+            else:
+                value = _expect(name, value, str, "a string") or None
+            setattr(config.outbound, key, value)
+        if config.outbound.relay_username and not (config.outbound.relay_password
+                                                   or config.outbound.relay_password_file):
+            raise ConfigError("outbound.relay_username: needs relay_password or "
+                              "relay_password_file")
+    if "dkim" in raw:
+        dkim = _table(config.dkim, "dkim", raw["dkim"])
+        if "sign" in dkim:
+            config.dkim.sign = _expect("dkim.sign", dkim["sign"], bool, "true or false")
+        if "key_dir" in dkim:
+            config.dkim.key_dir = _path(base, "dkim.key_dir", dkim["key_dir"])
+
+
+def _relay_host(key: str, value: Any) -> str | None:
+    import ipaddress
+
+    _expect(key, value, str, "a host name or IP address")
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        return _hostname(key, value)
+
+
+def _nameservers(key: str, value: Any) -> list[str]:
+    from mailtwist.outbound.mx import parse_nameserver
+
+    _expect(key, value, list, 'a list of addresses such as "192.0.2.53" or "127.0.0.1:5353"')
+    for item in value:
+        try:
+            parse_nameserver(_expect(key, item, str, "address strings"))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IP address with an optional "
+                              f"port") from None
+    return list(value)
+
+
+def _domains(key: str, value: Any) -> list[str]:
+    _expect(key, value, list, "a list of domains")
+    return [_hostname(key, item) for item in value]
 
 
 def _hostname(key: str, value: Any) -> str:
@@ -306,4 +462,36 @@ def sample_config() -> str:
 [auth]
 # Seconds to wait before answering a failed login.
 # failure_delay = 2.0
+
+[queue]
+# Outbound retries, in seconds: first retry, doubling up to retry_max; give up
+# and bounce after max_age; warn the sender once after delay_warning (0: never).
+# retry_first = 300
+# retry_max = 14400
+# max_age = 432000
+# delay_warning = 14400
+# scan_interval = 60      # how soon `mailtwist queue flush|bounce` is noticed
+# max_hops = 50           # Received headers before a message counts as a loop
+# concurrency = 20        # messages delivered at once
+
+[outbound]
+# port = 25
+# dns_servers = []        # e.g. ["192.0.2.53", "127.0.0.1:5353"]; default: resolv.conf
+# tls = "may"             # none | may | encrypt | verify (certificate and host name)
+# tls_ca_file = "/etc/ssl/certs/ca-certificates.crt"   # for "verify"; default: system
+# connect_timeout = 30
+# command_timeout = 300
+# data_timeout = 600
+# Send through a smarthost (all domains, or only relay_domains):
+# relay_host = "smtp.example.net"
+# relay_port = 587
+# relay_tls = "starttls"  # starttls | implicit | verify | none
+# relay_username = "user"
+# relay_password_file = "/etc/mailtwist/relay-password"
+# relay_domains = []
+
+[dkim]
+# Sign mail from local domains with the keys `mailtwist dkim keygen DOMAIN` makes.
+# sign = true
+# key_dir = "<data_dir>/dkim"
 """

@@ -182,7 +182,9 @@ def build_service(config: Config, reactor=None) -> MailService:
     from mailtwist.auth import build_portal
     from mailtwist.delivery import LocalDelivery
     from mailtwist.directory import FileDirectory
+    from mailtwist.imap.server import IMAPFactory, register_imap
     from mailtwist.pop3 import POP3Factory, register_pop3
+    from mailtwist.queue.service import build_outbound
     from mailtwist.smtp.policy import SMTPPolicy, register_smtp
     from mailtwist.smtp.server import SMTPFactory
     from mailtwist.storage.store import MailStore
@@ -215,8 +217,12 @@ def build_service(config: Config, reactor=None) -> MailService:
     ThreadPoolService(io_pool).setServiceParent(top)
     portal, realm = build_portal(directory, reactor, auth_pool)
     delivery = LocalDelivery(store, reactor, io_pool)
-    register_smtp(realm, directory, delivery)
+    dispatcher, queue_runner = build_outbound(config, directory, delivery, reactor, io_pool)
+    queue_runner.setServiceParent(top)
+    top.dispatcher, top.queue = dispatcher, queue_runner
+    register_smtp(realm, directory, dispatcher)
     register_pop3(realm, store, reactor, io_pool)
+    register_imap(realm, store, reactor, io_pool, directory=directory)
     top.directory, top.store, top.delivery, top.portal = directory, store, delivery, portal
 
     for role in ROLES:
@@ -224,15 +230,14 @@ def build_service(config: Config, reactor=None) -> MailService:
             endpoint, wrap = _endpoint(reactor, role, description, tls_context)
             implicit = role in IMPLICIT_TLS_ROLES
             if role in ("smtp", "submission", "submissions"):
-                factory = SMTPFactory(config, SMTPPolicy(role, directory), delivery, portal,
+                factory = SMTPFactory(config, SMTPPolicy(role, directory), dispatcher, portal,
                                       tls_context, implicit_tls=implicit, reactor=reactor)
             elif role in ("pop3", "pop3s"):
                 factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
                                       reactor=reactor, threadpool=io_pool)
             else:
-                log.warn("{role} on {desc}: IMAP is not implemented yet; not listening",
-                         role=role, desc=description)
-                continue
+                factory = IMAPFactory(portal, config, tls_context, implicit_tls=implicit,
+                                      reactor=reactor, threadpool=io_pool, store=store)
             factory.noisy = False
             if wrap:
                 factory = TLSMemoryBIOFactory(tls_context, False, factory)

@@ -15,7 +15,7 @@ from mailtwist.tap import MailService, build_service
 
 DOMAIN = "example.test"
 PASSWORD = "correct horse battery staple"
-SERVED_ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+SERVED_ROLES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
 
 
 def client_tls_context() -> ssl.SSLContext:

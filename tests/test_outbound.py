@@ -189,6 +189,8 @@ class RetryTests(OutboundTestCase):
         yield self.submit(["frank@down.test"], message("persistent"))
         [entry_id] = self.queue_ids()
         yield wait_for(lambda: down.connections >= 1)
+        spool = self.sender.queue.spool
+        yield wait_for(lambda: "4.3.2" in (spool.load(entry_id).recipients[0].text or ""))
         self.sender_dir = self.sender.config.data_dir
         yield self.sender.stopService()
         envelope = self.sender.queue.spool.load(entry_id)
