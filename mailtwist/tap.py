@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from pathlib import Path
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.mail.pop3 import IMailbox
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 import subprocess
 
 from twisted.internet import defer
@@ -286,12 +285,13 @@ class SubmissionTests(ServerMixin, unittest.TestCase):
                 client.rset()
                 plus = client.docmd("MAIL", f"FROM:<alice+x@{DOMAIN}>")
                 client.rset()
-                remote = client.docmd("MAIL", "FROM:<alice@example.test>")
+                own = client.docmd("MAIL", "FROM:<alice@example.test>")
                 remote_rcpt = client.docmd("RCPT", "TO:<someone@other.test>")
-                return forged, plus, remote_rcpt
-        forged, plus, remote_rcpt = yield self.in_thread(session)
+                return forged, plus, own, remote_rcpt
+        forged, plus, own, remote_rcpt = yield self.in_thread(session)
         self.assertEqual(forged[0], 553)
         self.assertEqual(plus[0], 250)
+        self.assertEqual(own[0], 250)
         self.assertEqual(remote_rcpt, (250, b"2.1.5 Ok"))
 
     @defer.inlineCallbacks
