@@ -229,7 +229,17 @@ def _build_parser() -> argparse.ArgumentParser:
     command(dkim, "show", _dkim_show, "print the DNS records of a domain's keys").add_argument(
         "domain"
     )
+    command(commands, "filters", _filters,
+            "list installed filters, the roles that enable them, and check their settings")
     return parser
+
+
+def _filters(args: argparse.Namespace) -> None:
+    from mailtwist.filters.loader import build_chains, format_listing
+
+    config = _load_config(args)
+    sys.stdout.write(format_listing(config))
+    build_chains(config)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:

@@ -109,6 +109,19 @@ class DKIMSettings:
 
 
 @dataclass
+class FilterSettings:
+    """The [filters] table: per SMTP role the filters to run, in order, the
+    per-hook timeout and each filter's own settings ([filters.NAME])."""
+
+    timeout: float = 30.0
+    enabled: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+SMTP_ROLES = ("smtp", "submission", "submissions")
+
+
+@dataclass
 class Config:
     """The whole configuration, with defaults for every key."""
 
@@ -127,6 +140,7 @@ class Config:
     queue: QueueSettings = field(default_factory=QueueSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     dkim: DKIMSettings = field(default_factory=DKIMSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
     source: Path | None = None
 
     @property
@@ -180,7 +194,7 @@ def _endpoints(key: str, value: Any) -> list[str]:
 _TOP_KEYS = {
     "data_dir", "hostname", "allow_plaintext_auth", "bcrypt_rounds",
     "plus_separator", "postmaster", "listen", "tls", "smtp", "pop3", "auth",
-    "queue", "outbound", "dkim",
+    "queue", "outbound", "dkim", "filters",
 }
 
 
@@ -260,6 +274,36 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
                 raise ConfigError(f"auth.failure_delay: expected seconds >= 0, got {value}")
             config.auth_failure_delay = float(value)
     _apply_queue(config, raw, base)
+    if "filters" in raw:
+        _apply_filters(config.filters, raw["filters"])
+
+
+def _apply_filters(settings: FilterSettings, raw: Any) -> None:
+    """[filters]: timeout, one list per SMTP role, and [filters.NAME] tables.
+    Whether a name is installed and its settings are valid is checked when the
+    filters are loaded (mailtwist.filters.loader)."""
+    table = _expect("filters", raw, dict, "a table")
+    for key, value in table.items():
+        name = f"filters.{key}"
+        if key == "timeout":
+            settings.timeout = _seconds(name, value)
+        elif key in SMTP_ROLES:
+            _expect(name, value, list, "a list of filter names")
+            for item in value:
+                if not isinstance(item, str) or not item.strip():
+                    raise ConfigError(f"{name}: expected filter names (strings), got {item!r}")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"{name}: a filter is listed twice")
+            settings.enabled[key] = [item.strip() for item in value]
+        elif isinstance(value, dict):
+            settings.settings[key] = dict(value)
+        else:
+            raise ConfigError(f"{name}: unknown key; allowed: timeout, "
+                              f"{', '.join(SMTP_ROLES)}, or a [filters.NAME] settings table")
+    enabled = {n for names in settings.enabled.values() for n in names}
+    for key in settings.settings:
+        if key not in enabled:
+            raise ConfigError(f"filters.{key}: settings for a filter that no role enables")
 
 
 def _seconds(key: str, value: Any, allow_zero: bool = False) -> float:
@@ -489,6 +533,15 @@ def sample_config() -> str:
 # relay_username = "user"
 # relay_password_file = "/etc/mailtwist/relay-password"
 # relay_domains = []
+
+[filters]
+# In-process filter plugins per SMTP role, run in this order (docs/filters.md);
+# `mailtwist filters` lists the installed ones.
+# timeout = 30            # seconds per hook; a timeout answers 451 4.7.1
+# smtp = ["header_folder"]
+# [filters.header_folder]
+# header = "X-Spam-Flag"
+# folder = "Junk"
 
 [dkim]
 # Sign mail from local domains with the keys `mailtwist dkim keygen DOMAIN` makes.

@@ -24,10 +24,13 @@ log = Logger()
 
 @dataclass(frozen=True)
 class Mailbox:
-    """One local copy to write: the account and the address the mail was sent to."""
+    """One local copy to write: the account, the address the mail was sent to,
+    and (chosen by filters) the folder and Maildir flag letters."""
 
     account: str
     original: str
+    folder: str = "INBOX"
+    flags: str = ""
 
 
 class DeliveryError(Exception):
@@ -58,7 +61,7 @@ class LocalDelivery:
         )
 
     def deliver_blocking(self, message: bytes, sender: str, mailboxes: list[Mailbox]) -> None:
-        written: list[tuple[str, str]] = []
+        written: list[tuple[str, str, str]] = []
         seen: set[str] = set()
         try:
             for box in mailboxes:
@@ -70,8 +73,10 @@ class LocalDelivery:
                     b"Delivered-To: " + _header_value(box.original) + b"\r\n"
                 )
                 maildir = self.store.maildir(box.account)
-                base = maildir.deliver(headers + message)
-                written.append((box.account, base))
+                if box.folder != "INBOX":
+                    _ensure_folder(maildir, box.folder)
+                base = maildir.deliver(headers + message, folder=box.folder, flags=box.flags)
+                written.append((box.account, box.folder, base))
         except OSError as e:
             self._roll_back(written)
             log.error("delivery to {account} failed: {error}", account=box.account, error=e)
@@ -79,10 +84,26 @@ class LocalDelivery:
                 raise DeliveryError("Insufficient system storage", enhanced="4.3.1") from e
             raise DeliveryError("Local error in processing: cannot write mailbox") from e
 
-    def _roll_back(self, written: list[tuple[str, str]]) -> None:
-        for account, base in written:
-            path = self.store.path_for(account) / "new" / base
-            try:
-                path.unlink()
-            except OSError as e:
-                log.error("could not remove partial delivery {path}: {error}", path=path, error=e)
+    def _roll_back(self, written: list[tuple[str, str, str]]) -> None:
+        for account, folder, base in written:
+            folder_path = self.store.maildir(account).folder_path(folder)
+            for path in [*(folder_path / "new").glob(base + "*"),
+                         *(folder_path / "cur").glob(base + "*")]:
+                try:
+                    path.unlink()
+                except OSError as e:
+                    log.error("could not remove partial delivery {path}: {error}",
+                              path=path, error=e)
+
+
+def _ensure_folder(maildir, folder: str) -> None:
+    """Create a folder a filter files into, if it does not exist yet."""
+    from mailtwist.storage.maildir import FolderNotFound
+
+    try:
+        maildir.folder(folder)
+    except FolderNotFound:
+        try:
+            maildir.create_folder(folder)
+        except FileExistsError:
+            pass

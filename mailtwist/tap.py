@@ -173,10 +173,15 @@ def _demo_account(config: Config, directory) -> None:
              domain=domain, path=path)
 
 
-def build_service(config: Config, reactor=None) -> MailService:
-    """Build the service tree for *config*; ConfigError for anything unusable."""
+def build_service(config: Config, reactor=None, filters: dict | None = None) -> MailService:
+    """Build the service tree for *config*; ConfigError for anything unusable.
+
+    *filters* maps SMTP roles to ready FilterChains (mailtwist.testing passes
+    filter objects this way); by default they are built from ``[filters]``.
+    """
     if reactor is None:
         from twisted.internet import reactor
+    from mailtwist.filters.loader import build_chains
     from mailtwist.auth import build_portal
     from mailtwist.delivery import LocalDelivery
     from mailtwist.directory import FileDirectory
@@ -201,6 +206,8 @@ def build_service(config: Config, reactor=None) -> MailService:
         log.info("TLS certificate {cert} (self-signed) SHA-256 fingerprint {fp}",
                  cert=cert, fp=fp)
     tls_context = server_context_factory(config.cert_path, config.key_path)
+    chains = build_chains(config, clock=reactor)
+    chains.update(filters or {})
 
     directory = FileDirectory(config.data_dir, plus_separator=config.plus_separator,
                               postmaster=config.postmaster)
@@ -229,7 +236,8 @@ def build_service(config: Config, reactor=None) -> MailService:
             implicit = role in IMPLICIT_TLS_ROLES
             if role in ("smtp", "submission", "submissions"):
                 factory = SMTPFactory(config, SMTPPolicy(role, directory), dispatcher, portal,
-                                      tls_context, implicit_tls=implicit, reactor=reactor)
+                                      tls_context, implicit_tls=implicit, reactor=reactor,
+                                      filters=chains[role])
             elif role in ("pop3", "pop3s"):
                 factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
                                       reactor=reactor, threadpool=io_pool)

@@ -319,3 +319,22 @@ class AliasTests(CLITestCase):
         )
         code, _, err = self.run_cli("alias", "add", "x@example.org")
         self.assertEqual(code, 2)
+
+
+class FiltersCommandTests(CLITestCase):
+    """``mailtwist filters``: what is installed, where it is enabled, and bad settings."""
+
+    def test_lists_builtin_filter_and_its_roles(self) -> None:
+        self.config.write_text(self.config.read_text()
+                               + '[filters]\nsmtp = ["header_folder"]\n')
+        out = self.ok("filters")
+        [line] = [line for line in out.splitlines() if line.startswith("header_folder")]
+        self.assertIn("smtp", line)
+
+    def test_bad_setting_is_one_line(self) -> None:
+        self.config.write_text(self.config.read_text() + '[filters]\nsmtp = ["header_folder"]\n'
+                               '[filters.header_folder]\nfolder = 3\n')
+        code, out, err = self.run_cli("filters")
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("filters.header_folder.folder", err)

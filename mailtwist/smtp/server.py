@@ -10,7 +10,10 @@ while a command waits on a Deferred (login, delivery) no further input is
 interpreted, so replies always come in order and STARTTLS can drop the rest.
 
 Who may send what where is :class:`~mailtwist.smtp.policy.SMTPPolicy`'s
-business, not this module's.
+business, not this module's.  The listener's filters
+(:class:`~mailtwist.filters.chain.FilterChain`, docs/filters.md) are asked at
+connect, HELO/EHLO, AUTH, MAIL, RCPT, end of DATA (before the durable write)
+and per local copy; their Reject/TempFail replies go out as given.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import ESMTP, rfc822date
 
 from mailtwist.delivery import DeliveryError, Mailbox
+from mailtwist.filters.chain import FilterChain, StageResult
 from mailtwist.dsn import (
     DSNParameterError,
     ReportItem,
@@ -37,6 +41,16 @@ from mailtwist.dsn import (
     parse_notify,
     parse_orcpt,
     parse_ret,
+)
+from mailtwist.interfaces import (
+    AddFlags,
+    DeliveryTarget,
+    Discard,
+    FileInto,
+    FilterSession,
+    Redirect,
+    Reject,
+    TempFail,
 )
 from mailtwist.queue.dispatch import header_section, received_count
 from mailtwist.queue.envelope import Recipient
@@ -73,6 +87,8 @@ class Transaction:
     envid: str | None = None
     content: bytearray = field(default_factory=bytearray)
     too_big: bool = False
+    discarded: bool = False
+    discarded_recipients: int = 0
 
 
 class MailtwistSMTP(ESMTP):
@@ -95,6 +111,10 @@ class MailtwistSMTP(ESMTP):
         self._auth_step: Callable[[bytes], object] | None = None
         self._login_user = b""
         self._quitting = False
+        self._processing = False
+        self._lost = False
+        self.filters: FilterChain = factory.filters
+        self.filter_session: FilterSession | None = None
 
     # -- connection ------------------------------------------------------
 
@@ -103,12 +123,37 @@ class MailtwistSMTP(ESMTP):
         return self.factory.implicit_tls or self.startedTLS
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        # SMTP.connectionMade would greet at once; the connect filters come first.
+        self._helo = None
+        self.setTimeout(self.timeout)
         if self.factory.implicit_tls:
             self.canStartTLS = False
         else:
             self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
-        self._helo = None
+        peer = self.transport.getPeer()
+        self.filter_session = FilterSession(
+            role=self.policy.role, peer_host=self._peer_host().decode("ascii", "replace"),
+            peer_port=getattr(peer, "port", None), tls=self.secure)
+        if not self.filters:
+            self.sendCode(220, self.greeting())
+            return
+        self._busy = True
+        d = self.filters.run("connect", self.filter_session)
+        d.addCallback(self._connect_decided)
+        d.addErrback(self._internal_error)
+        d.addBoth(self._resume)
+
+    def _connect_decided(self, result: StageResult) -> None:
+        if result.refused:
+            self._refuse(result.verdict)
+            self._quitting = True
+            self.transport.loseConnection()
+            return
+        self.sendCode(220, self.greeting())
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        super().connectionLost(reason)
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailtwist"
@@ -128,16 +173,20 @@ class MailtwistSMTP(ESMTP):
         self._process()
 
     def _process(self) -> None:
-        while not self._busy and not self._quitting:
-            event = self.framer.next_event()
-            if event is None:
-                break
-            self.resetTimeout()
-            result = self._handle(event)
-            if isinstance(result, defer.Deferred):
-                self._busy = True
-                result.addErrback(self._internal_error)
-                result.addBoth(self._resume)
+        self._processing = True
+        try:
+            while not self._busy and not self._quitting:
+                event = self.framer.next_event()
+                if event is None:
+                    break
+                self.resetTimeout()
+                result = self._handle(event)
+                if isinstance(result, defer.Deferred):
+                    self._busy = True
+                    result.addErrback(self._internal_error)
+                    result.addBoth(self._resume)
+        finally:
+            self._processing = False
         if self._busy and not self._paused and self.framer.buffered > MAX_PAUSED_INPUT:
             self._paused = True
             self.transport.pauseProducing()
@@ -147,7 +196,9 @@ class MailtwistSMTP(ESMTP):
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
-        if self.transport is not None and not self.transport.disconnecting:
+        # A Deferred that fired at once resumes the loop already running.
+        if (not self._processing and self.transport is not None
+                and not self.transport.disconnecting):
             self._process()
 
     def _internal_error(self, failure) -> None:
@@ -205,23 +256,54 @@ class MailtwistSMTP(ESMTP):
 
     def reset_transaction(self) -> None:
         self.transaction = None
+        if self.filter_session is not None:
+            self.filter_session.reset_envelope()
+
+    # -- filters -----------------------------------------------------------
+
+    def _filtered(self, stage: str, *args: object,
+                  then: Callable[[StageResult], object]) -> defer.Deferred | None:
+        """Run the filters of *stage*, then *then* with their result (at once,
+        without a Deferred, when the listener has no filters)."""
+        if not self.filters:
+            then(StageResult())
+            return None
+        d = self.filters.run(stage, self.filter_session, *args)
+        d.addCallback(then)
+        return d
+
+    def _refuse(self, verdict: Reject | TempFail) -> None:
+        self.reply(verdict.code, verdict.enhanced, verdict.text)
 
     # -- greeting and session commands -------------------------------------
 
-    def smtp_HELO(self, rest: bytes) -> None:
+    def smtp_HELO(self, rest: bytes) -> defer.Deferred | None:
         if not rest:
             self._error(501, "5.5.4", "Syntax: HELO hostname")
-            return
-        self._helo = (rest, self._peer_host())
-        self.reset_transaction()
-        self.sendCode(250, self.host)
+            return None
+        return self._greet(rest, lambda: self.sendCode(250, self.host))
 
-    def smtp_EHLO(self, rest: bytes) -> None:
+    def smtp_EHLO(self, rest: bytes) -> defer.Deferred | None:
         if not rest:
             self._error(501, "5.5.4", "Syntax: EHLO hostname")
-            return
-        self._helo = (rest, self._peer_host())
-        self.reset_transaction()
+            return None
+        return self._greet(rest, self._ehlo_reply)
+
+    def _greet(self, rest: bytes, answer: Callable[[], None]) -> defer.Deferred | None:
+        name = sanitize_header_text(rest)
+
+        def decided(result: StageResult) -> None:
+            if result.refused:
+                self._refuse(result.verdict)
+                return
+            self._helo = (rest, self._peer_host())
+            self.reset_transaction()
+            self.filter_session.helo = name
+            answer()
+
+        return self._filtered("helo", name, then=decided)
+
+    def _ehlo_reply(self) -> None:
         lines = [self.factory.config.hostname, "PIPELINING",
                  f"SIZE {self.limits.max_message_size}"]
         if self.canStartTLS and not self.startedTLS:
@@ -284,6 +366,8 @@ class MailtwistSMTP(ESMTP):
             self.startedTLS = True
             self._helo = None
             self.reset_transaction()
+            self.filter_session.tls = True
+            self.filter_session.helo = None
 
     # -- AUTH (RFC 4954) ---------------------------------------------------
 
@@ -361,30 +445,50 @@ class MailtwistSMTP(ESMTP):
     def _login(self, username: bytes, password: bytes) -> defer.Deferred:
         d = self.portal.login(credentials.UsernamePassword(username, password), None,
                               IMessageDelivery)
-        d.addCallbacks(self._logged_in, self._login_failed)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
         return d
 
-    def _logged_in(self, result: tuple) -> None:
+    def _logged_in(self, result: tuple) -> defer.Deferred | None:
         _, avatar, logout = result
-        self.user = avatar.address
-        self.authenticated = True
-        self._onLogout = logout
-        log.info("SMTP AUTH success for {user} from {peer}", user=self.user, peer=self._peer_host())
-        self.reply(235, "2.7.0", "Authentication successful")
+        user = avatar.address
 
-    def _login_failed(self, failure) -> defer.Deferred | None:
+        def decided(stage: StageResult) -> None:
+            if stage.refused:
+                logout()
+                log.info("SMTP AUTH for {user} from {peer} refused by a filter",
+                         user=user, peer=self._peer_host())
+                self._refuse(stage.verdict)
+                return
+            self.user = user
+            self.authenticated = True
+            self._onLogout = logout
+            self.filter_session.user = user
+            log.info("SMTP AUTH success for {user} from {peer}", user=user,
+                     peer=self._peer_host())
+            self.reply(235, "2.7.0", "Authentication successful")
+
+        return self._filtered("auth", user, True, then=decided)
+
+    def _login_failed(self, failure, username: bytes = b"") -> defer.Deferred | None:
         if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
             return failure
         log.info("SMTP AUTH failure from {peer}", peer=self._peer_host())
         d = defer.Deferred()
         self.factory.reactor.callLater(self.factory.config.auth_failure_delay, d.callback, None)
-        d.addCallback(lambda _: self._error(535, "5.7.8",
-                                            "Error: authentication credentials invalid"))
+
+        def decided(stage: StageResult) -> None:
+            if stage.refused:
+                self._refuse(stage.verdict)
+            else:
+                self._error(535, "5.7.8", "Error: authentication credentials invalid")
+
+        d.addCallback(lambda _: self._filtered(
+            "auth", username.decode("utf-8", "replace"), False, then=decided))
         return d
 
     # -- the mail transaction ----------------------------------------------
 
-    def smtp_MAIL(self, rest: bytes) -> None:
+    def smtp_MAIL(self, rest: bytes) -> defer.Deferred | None:
         if self._helo is None:
             self._error(503, "5.5.1", "Error: send HELO/EHLO first")
             return
@@ -432,12 +536,22 @@ class MailtwistSMTP(ESMTP):
             self.policy.check_sender(path.address, self.user)
         except PolicyReject as e:
             self.reply(e.code, e.enhanced, e.text)
-            return
-        self.transaction = Transaction(sender=path.address, smtputf8=smtputf8,
-                                       ret=dsn.get("RET"), envid=dsn.get("ENVID"))
-        self.reply(250, "2.1.0", "Ok")
+            return None
 
-    def smtp_RCPT(self, rest: bytes) -> None:
+        def decided(result: StageResult) -> None:
+            if result.refused:
+                self._refuse(result.verdict)
+                return
+            self.transaction = Transaction(sender=path.address, smtputf8=smtputf8,
+                                           ret=dsn.get("RET"), envid=dsn.get("ENVID"),
+                                           discarded=isinstance(result.verdict, Discard))
+            self.filter_session.reset_envelope()
+            self.filter_session.sender = path.address
+            self.reply(250, "2.1.0", "Ok")
+
+        return self._filtered("mail", path.address, then=decided)
+
+    def smtp_RCPT(self, rest: bytes) -> defer.Deferred | None:
         if self.transaction is None:
             self._error(503, "5.5.1", "Error: need MAIL command")
             return
@@ -462,21 +576,33 @@ class MailtwistSMTP(ESMTP):
         if not path.address.isascii() and not self.transaction.smtputf8:
             self.reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
             return
-        if len(self.transaction.recipients) >= self.limits.max_recipients:
+        txn = self.transaction
+        if len(txn.recipients) + txn.discarded_recipients >= self.limits.max_recipients:
             self.reply(452, "4.5.3", "Error: too many recipients")
             return
         try:
             route = self.policy.route_recipient(path.address, self.user)
         except PolicyReject as e:
             self.reply(e.code, e.enhanced, e.text)
-            return
-        txn = self.transaction
-        txn.recipients.append(path.address)
-        txn.mailboxes.extend(Mailbox(a, path.address) for a in route.local)
-        txn.remote.extend(Recipient(a, orcpt=orcpt, notify=notify) for a in route.remote)
-        if route.local and notify and "SUCCESS" in notify:
-            txn.local_success.append(Recipient(path.address, orcpt=orcpt, notify=notify))
-        self.reply(250, "2.1.5", "Ok")
+            return None
+
+        def decided(result: StageResult) -> None:
+            if result.refused:
+                self._refuse(result.verdict)
+                return
+            if isinstance(result.verdict, Discard):
+                txn.discarded_recipients += 1
+                self.reply(250, "2.1.5", "Ok")
+                return
+            txn.recipients.append(path.address)
+            txn.mailboxes.extend(Mailbox(a, path.address) for a in route.local)
+            txn.remote.extend(Recipient(a, orcpt=orcpt, notify=notify) for a in route.remote)
+            if route.local and notify and "SUCCESS" in notify:
+                txn.local_success.append(Recipient(path.address, orcpt=orcpt, notify=notify))
+            self.filter_session.recipients.append(path.address)
+            self.reply(250, "2.1.5", "Ok")
+
+        return self._filtered("rcpt", path.address, then=decided)
 
     def smtp_DATA(self, rest: bytes) -> None:
         if rest:
@@ -485,7 +611,7 @@ class MailtwistSMTP(ESMTP):
         if self.transaction is None:
             self._error(503, "5.5.1", "Error: need MAIL command")
             return
-        if not self.transaction.recipients:
+        if not (self.transaction.recipients or self.transaction.discarded_recipients):
             self._error(554, "5.5.1", "Error: no valid recipients")
             return
         self.framer.start_data()
@@ -516,12 +642,88 @@ class MailtwistSMTP(ESMTP):
             return None
         queue_id = os.urandom(6).hex().upper()
         message = self.received_header(txn, queue_id) + bytes(txn.content)
+        if txn.discarded or not txn.recipients:
+            self._discarded(txn, queue_id)
+            return None
+        if not self.filters:
+            return self._dispatch(txn, queue_id, message, txn.mailboxes, txn.remote)
+        self.filter_session.queue_id = queue_id
+        d = self._filter_message(txn, queue_id, message)
+        d.addBoth(self._envelope_done)
+        return d
+
+    def _envelope_done(self, result: object) -> object:
+        if self.filter_session is not None:
+            self.filter_session.reset_envelope()
+        return result
+
+    def _dispatch(self, txn: Transaction, queue_id: str, message: bytes,
+                  mailboxes: list[Mailbox], remote: list[Recipient]) -> defer.Deferred:
+        """Write every copy durably, then answer 250 (or the failure)."""
         d = self.factory.delivery.deliver(
-            message, txn.sender, txn.mailboxes, txn.remote, ret=txn.ret, envid=txn.envid,
+            message, txn.sender, mailboxes, remote, ret=txn.ret, envid=txn.envid,
             user=self.user, sign=self.user is not None, queue_id=queue_id)
         d.addCallbacks(self._delivered, self._delivery_failed,
                        callbackArgs=(txn, queue_id, message))
         return d
+
+    def _discarded(self, txn: Transaction, queue_id: str) -> None:
+        log.info("{id}: from=<{sender}> to={rcpts} discarded by a filter",
+                 id=queue_id, sender=txn.sender, rcpts=",".join(txn.recipients))
+        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    @defer.inlineCallbacks
+    def _filter_message(self, txn: Transaction, queue_id: str, message: bytes):
+        """The data stage, then the delivery stage per local copy, then the write."""
+        session = self.filter_session
+        result = yield self.filters.run("data", session, message)
+        if result.refused:
+            self._refuse(result.verdict)
+            return
+        if isinstance(result.verdict, Discard):
+            self._discarded(txn, queue_id)
+            return
+        message = result.message
+        folder, flags, redirect = _delivery_choice(result.actions, "INBOX", "")
+        mailboxes, remote = list(txn.mailboxes), list(txn.remote)
+        if redirect:
+            mailboxes, remote = self._route_all(redirect)
+        final: list[Mailbox] = []
+        for box in mailboxes:
+            stage = yield self.filters.run("delivery", session, message,
+                                           DeliveryTarget(box.account, box.original))
+            if stage.refused:
+                self._refuse(stage.verdict)
+                return
+            if isinstance(stage.verdict, Discard):
+                continue
+            box_folder, box_flags, box_redirect = _delivery_choice(stage.actions, folder, flags)
+            if box_redirect:
+                more_boxes, more_remote = self._route_all(box_redirect)
+                final += more_boxes
+                remote += more_remote
+                continue
+            final.append(Mailbox(box.account, box.original, box_folder, box_flags))
+        if not final and not remote:
+            self._discarded(txn, queue_id)
+            return
+        if self._lost:
+            log.info("{id}: client went away while filters ran; nothing stored", id=queue_id)
+            return
+        yield self._dispatch(txn, queue_id, message, final, remote)
+
+    def _route_all(self, addresses: tuple[str, ...]) -> tuple[list[Mailbox], list[Recipient]]:
+        """Local copies and remote recipients for a filter's Redirect."""
+        mailboxes: list[Mailbox] = []
+        remote: list[Recipient] = []
+        for address in addresses:
+            boxes, rest = self.factory.delivery.route(address)
+            if not boxes and not rest:
+                log.warn("redirect by a filter to {address}: no such local address; dropped",
+                         address=address)
+            mailboxes += boxes
+            remote += rest
+        return mailboxes, remote
 
     def _delivered(self, envelope, txn: Transaction, queue_id: str, message: bytes) -> None:
         log.info("{id}: from=<{sender}> to={rcpts} size={size} {what}",
@@ -572,13 +774,29 @@ class MailtwistSMTP(ESMTP):
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+def _delivery_choice(actions: list, folder: str, flags: str
+                     ) -> tuple[str, str, tuple[str, ...]]:
+    """Folder, flag letters and redirect addresses after a stage's actions."""
+    redirect: tuple[str, ...] = ()
+    for action in actions:
+        if isinstance(action, FileInto):
+            folder = action.folder
+        elif isinstance(action, AddFlags):
+            flags = "".join(sorted(set(flags) | set(action.letters)))
+        elif isinstance(action, Redirect):
+            redirect += tuple(a for a in action.addresses if a not in redirect)
+    return folder, flags, redirect
+
+
 class SMTPFactory(protocol.ServerFactory):
     """Builds sessions for one listener role."""
 
     def __init__(self, config, policy: SMTPPolicy, delivery, portal=None, tls_context=None,
-                 implicit_tls: bool = False, reactor=None) -> None:
+                 implicit_tls: bool = False, reactor=None,
+                 filters: FilterChain | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        self.filters = filters if filters is not None else FilterChain(clock=reactor)
         self.config = config
         self.policy = policy
         self.delivery = delivery
