@@ -9,8 +9,14 @@ number of a per-folder mod-sequence and goes into a change log. A session's
 mod-sequence up to which it has been told; at the points where RFC 3501
 allows untagged EXISTS/EXPUNGE/FETCH, :meth:`View.sync` replays the log from
 there. So the work per session is proportional to what changed, not to the
-folder's size, and the same numbering is ready to become CONDSTORE's MODSEQ
-once it is persisted.
+folder's size. The same numbers are CONDSTORE's MODSEQ (RFC 7162): each
+message's mod-sequence (with its flag letters) and the expunged UIDs are
+persisted in the folder's ``mailtwist-index`` (:mod:`mailtwist.storage.index`),
+appended in the pool before the folder lock is released, so a restart goes on
+from the highest number given out. The first scan of a folder in the process
+compares the Maildir with the index: messages it does not know, or whose flag
+letters differ (changed by another program meanwhile), get a new number, and
+UIDs it knows that are gone are recorded as expunged.
 
 Changes made by sessions in this process (STORE, EXPUNGE, APPEND, COPY,
 MOVE) are applied to the shared state directly. Changes from elsewhere
@@ -45,6 +51,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailtwist.imap.wire import format_sequence_set
+from mailtwist.storage.index import INDEX_NAME, ModseqIndex, letters_key, open_index
 from mailtwist.storage.maildir import (
     FLAG_LETTERS,
     KEYWORDS_NAME,
@@ -159,6 +167,9 @@ class ScanResult:
     moved: list[tuple[Message, MessageInfo]]
     expunged: list[int]
     infos_by_base: dict[str, int] | None = None
+    index: ModseqIndex | None = None
+    index_rebuilt: str | None = None
+    index_gone: list[int] | None = None
 
 
 def _stat_key(path: str) -> tuple | None:
@@ -186,6 +197,9 @@ class SharedFolder:
         self.uidvalidity = 0
         self.uidnext = 1
         self.modseq = 0
+        self.index: ModseqIndex | None = None
+        self.expunged_modseqs: dict[int, int] = {}
+        self._index_pending: list[tuple] = []
         self.log: deque[Change] = deque()
         self.log_floor = 0
         self.keywords: dict[str, str] = {}
@@ -215,7 +229,22 @@ class SharedFolder:
                 raise FolderGone(self.name)
             return await function(*args)
         finally:
-            self.lock.release()
+            try:
+                await self._flush_index()
+            finally:
+                self.lock.release()
+
+    async def _flush_index(self) -> None:
+        """Write the mod-sequence changes made under the lock to the index file."""
+        records, self._index_pending = self._index_pending, []
+        index = self.index
+        if not records or index is None or self.gone:
+            return
+        try:
+            await self._run(_index_write_blocking, index, records)
+        except OSError:
+            # the index is marked dirty and rewritten whole at the next change
+            log.failure("writing the index of {folder}", folder=self.name)
 
     def _open_blocking(self) -> Folder:
         if self.folder is None:
@@ -268,9 +297,29 @@ class SharedFolder:
         if kept < len(messages):
             present = {info.uid for info in infos}
             expunged = [uid for uid in self.uids if uid not in present]
-        return ScanResult(stamp, trusted, uidvalidity, folder.uidnext, keywords, reset,
-                          new, changed, moved, expunged,
-                          {m.info.base: m.uid for m in new})
+        result = ScanResult(stamp, trusted, uidvalidity, folder.uidnext, keywords, reset,
+                            new, changed, moved, expunged,
+                            {m.info.base: m.uid for m in new})
+        if reset or not self._loaded or self.index is None:
+            self._load_index_blocking(result, infos)
+        return result
+
+    def _load_index_blocking(self, result: ScanResult, infos: list[MessageInfo]) -> None:
+        """Open (or rebuild) the index and take the known mod-sequences from it.
+
+        New messages it knows with the same flag letters keep their number;
+        the others keep 0 and are numbered by :meth:`_apply`.
+        """
+        index, reason = open_index(os.path.join(self.path, INDEX_NAME), result.uidvalidity,
+                                   [(info.uid, info.flags) for info in infos])
+        known = index.messages
+        for m in result.new:
+            entry = known.get(m.uid)
+            if entry is not None and entry[1] == letters_key(m.info.flags):
+                m.modseq = entry[0]
+        present = {info.uid for info in infos}
+        result.index, result.index_rebuilt = index, reason
+        result.index_gone = [uid for uid in known if uid not in present]
 
     async def refresh(self, force: bool = False) -> None:
         """Bring the shared state up to date with the Maildir (cheap if nothing changed)."""
@@ -299,11 +348,13 @@ class SharedFolder:
         that syncs meanwhile sees a consistent prefix.
         """
         if result.reset:
-            log.warning("UIDVALIDITY of {path} changed; sessions must reselect", path=self.path)
+            log.warn("UIDVALIDITY of {path} changed; sessions must reselect", path=self.path)
             self._invalidate_views()
             self.messages, self.uids, self.log = {}, [], deque()
             self.log_floor = self.modseq
             self._loaded = False
+        if result.index is not None:
+            self._take_index(result)
         if result.keywords != self.keywords:
             self.keywords = result.keywords
             self.codec = FlagCodec(result.keywords)
@@ -323,6 +374,8 @@ class SharedFolder:
             self._record(FLAGS, m, origin)
             await self._pause(i)
         for m, info in result.moved:
+            if info.flags != m.info.flags:
+                self._index_pending.append(("+", m.uid, m.modseq, info.flags))
             m.info = info
         arrived = result.new
         if not log_changes:
@@ -347,10 +400,42 @@ class SharedFolder:
             self._trim_log()
             self.notify()
 
+    def _take_index(self, result: ScanResult) -> None:
+        """Adopt a freshly opened index; number what it did not know (reactor, locked)."""
+        index = result.index
+        assert index is not None
+        if result.index_rebuilt is not None:
+            log.info("Rebuilt the mod-sequence index of {path} ({reason})",
+                     path=self.path, reason=result.index_rebuilt)
+        self.index = index
+        self._index_pending = []
+        self.modseq = max(index.highest, 1)
+        self.log, self.log_floor = deque(), self.modseq
+        self.expunged_modseqs = dict(index.expunged)
+        unknown = [m for m in result.new if m.modseq == 0]
+        if unknown or result.index_gone:
+            self.modseq += 1
+            for m in unknown:
+                m.modseq = self.modseq
+                self._index_pending.append(("+", m.uid, self.modseq, m.info.flags))
+            for uid in result.index_gone or ():
+                self.expunged_modseqs[uid] = self.modseq
+                self._index_pending.append(("-", uid, self.modseq))
+            self.log_floor = self.modseq
+
     def _record(self, kind: str, message: Message, origin: object | None) -> None:
         self.modseq += 1
         message.modseq = self.modseq
         self.log.append(Change(self.modseq, kind, message.uid, origin, message))
+        if kind == EXPUNGE:
+            self.expunged_modseqs[message.uid] = self.modseq
+            self._index_pending.append(("-", message.uid, self.modseq))
+        else:
+            self._index_pending.append(("+", message.uid, self.modseq, message.info.flags))
+
+    def vanished_since(self, modseq: int) -> list[int]:
+        """UIDs expunged after *modseq*, ascending (QRESYNC's VANISHED (EARLIER))."""
+        return sorted(uid for uid, m in self.expunged_modseqs.items() if m > modseq)
 
     def _trim_log(self) -> None:
         """Drop log entries every view has seen; cap the rest at MAX_LOG.
@@ -440,19 +525,29 @@ class SharedFolder:
     # -- changes made by sessions
 
     async def store(self, uids: Iterable[int], mode: str, flags: Iterable[str],
-                    origin: object | None) -> None:
-        """Set (``mode`` "set"), add ("add") or remove ("remove") flags (IMAP names)."""
-        await self._locked(self._store_locked, list(uids), mode, list(flags), origin)
+                    origin: object | None, unchanged_since: int | None = None) -> list[int]:
+        """Set (``mode`` "set"), add ("add") or remove ("remove") flags (IMAP names).
+
+        With *unchanged_since* (CONDSTORE), messages whose mod-sequence is
+        higher are left alone; their UIDs are returned.
+        """
+        return await self._locked(self._store_locked, list(uids), mode, list(flags), origin,
+                                  unchanged_since)
 
     async def _store_locked(self, uids: list[int], mode: str, flags: list[str],
-                            origin: object | None) -> None:
+                            origin: object | None, unchanged_since: int | None = None
+                            ) -> list[int]:
         targets = []
+        modified = []
         for uid in uids:
             m = self.messages.get(uid)
             if m is not None:
-                targets.append((m.info, m.flags))
+                if unchanged_since is not None and m.modseq > unchanged_since:
+                    modified.append(uid)
+                else:
+                    targets.append((m.info, m.flags))
         if not targets:
-            return
+            return modified
         keywords, updated = await self._run(self._store_blocking, targets, mode, flags)
         if keywords != self.keywords:
             self.keywords = keywords
@@ -472,6 +567,7 @@ class SharedFolder:
         if changed:
             self._trim_log()
             self.notify()
+        return modified
 
     def _letters_blocking(self, folder: Folder, flags: Iterable[str], create: bool,
                           strict: bool = True) -> set[str]:
@@ -696,6 +792,8 @@ class View:
         self.idling = False
         self.invalid = False
         self.told_recent = 0
+        self.condstore = False
+        self.qresync = False
 
     @property
     def exists(self) -> int:
@@ -809,7 +907,9 @@ class View:
             seq = self.seq(uid)
             m = shared.messages.get(uid)
             if seq is not None and m is not None:
-                lines.append(b"* %d FETCH (UID %d FLAGS %s)" % (seq, uid, self.flag_list(m)))
+                modseq = b" MODSEQ (%d)" % m.modseq if self.condstore else b""
+                lines.append(b"* %d FETCH (UID %d FLAGS %s%s)"
+                             % (seq, uid, self.flag_list(m), modseq))
         return lines, done
 
     def _full_resync(self) -> list[Change]:
@@ -830,10 +930,15 @@ class View:
         return changes
 
     def expunge_lines(self) -> list[bytes]:
-        """Announce the pending expunges, highest number first, and renumber."""
+        """Announce the pending expunges, highest number first (or as one
+        ``VANISHED`` once QRESYNC is enabled), and renumber."""
         pending = self.pending_expunge
-        positions = sorted((bisect.bisect_left(self.uids, uid) for uid in pending), reverse=True)
-        lines = [b"* %d EXPUNGE" % (p + 1) for p in positions]
+        if self.qresync:
+            lines = [b"* VANISHED " + format_sequence_set(sorted(pending))]
+        else:
+            positions = sorted((bisect.bisect_left(self.uids, uid) for uid in pending),
+                               reverse=True)
+            lines = [b"* %d EXPUNGE" % (p + 1) for p in positions]
         self.uids = [uid for uid in self.uids if uid not in pending]
         self.recent -= pending
         self.told_recent = min(self.told_recent, len(self.recent))
@@ -846,6 +951,13 @@ class View:
         if message.uid in self.recent:
             flags.append("\\Recent")
         return b"(" + " ".join(flags).encode("utf-8", "replace") + b")"
+
+
+def _index_write_blocking(index: ModseqIndex, records: list[tuple]) -> None:
+    """Apply pending (kind, uid, modseq[, letters]) records to the index and append them."""
+    lines = [index.set(r[1], r[2], r[3]) if r[0] == "+" else index.expunge(r[1], r[2])
+             for r in records]
+    index.append(lines)
 
 
 def flag_announcements(shared: SharedFolder) -> list[bytes]:

@@ -25,6 +25,13 @@ session IDLEs; EXPUNGE too, except during FETCH, STORE and SEARCH (not
 their UID forms), when RFC 3501 7.4.1 forbids it. Long FETCH responses are
 written in batches, pausing while the client does not read.
 
+CONDSTORE and QRESYNC (RFC 7162) use the folder's persisted mod-sequences
+(:mod:`mailtwist.storage.index`). CONDSTORE is enabled per session by ENABLE,
+``SELECT (CONDSTORE)`` or the first command that uses a mod-sequence (FETCH
+MODSEQ or CHANGEDSINCE, STORE UNCHANGEDSINCE, SEARCH MODSEQ); from then on
+untagged FETCH responses carry MODSEQ. QRESYNC needs ENABLE; then expunges
+are announced as ``VANISHED`` and SELECT accepts the QRESYNC parameter.
+
 Before TLS, LOGIN and AUTHENTICATE are refused with ``[PRIVACYREQUIRED]`` and
 CAPABILITY shows LOGINDISABLED and no AUTH= mechanism, unless the config
 allows plaintext authentication.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import datetime
 import errno
 from collections.abc import Awaitable, Callable
@@ -253,6 +261,8 @@ class IMAPServer(IMAP4Server):
         self._in_loop = False
         self._paused = False
         self._disconnected = False
+        self.condstore = False
+        self.qresync = False
 
     # -- connection and framing
 
@@ -488,7 +498,7 @@ class IMAPServer(IMAP4Server):
         else:
             caps += [b"NAMESPACE", b"UNSELECT", b"CHILDREN", b"UIDPLUS", b"MOVE",
                      b"SPECIAL-USE", b"CREATE-SPECIAL-USE", b"APPENDLIMIT=%d" % self.append_limit,
-                     b"QUOTA", b"QUOTA=RES-STORAGE"]
+                     b"QUOTA", b"QUOTA=RES-STORAGE", b"CONDSTORE", b"QRESYNC"]
         return caps
 
     def listCapabilities(self) -> list[bytes]:
@@ -626,7 +636,26 @@ class IMAPServer(IMAP4Server):
         args = tokenize(parts)
         if not args or not all(isinstance(a, Atom) for a in args):
             raise Bad(b"ENABLE takes capability names.")
-        self._write(b"* ENABLED")
+        enabled = []
+        for name in (bytes(a).upper() for a in args):
+            if name == b"CONDSTORE" and not self.condstore:
+                self._enable_condstore()
+                enabled.append(name)
+            elif name == b"QRESYNC" and not self.qresync:
+                self.qresync = True
+                self._enable_condstore()
+                enabled.append(name)
+        self._write(b" ".join([b"* ENABLED", *enabled]))
+
+    def _enable_condstore(self) -> None:
+        """Turn CONDSTORE on; announce HIGHESTMODSEQ if a mailbox is selected (RFC 7162 3.1)."""
+        if self.condstore:
+            return
+        self.condstore = True
+        view = self.view
+        if view is not None:
+            view.condstore = True
+            self._write(b"* OK [HIGHESTMODSEQ %d] Highest." % view.shared.modseq)
 
     async def do_CREATE(self, tag: bytes, parts: list[bytes], uid: bool) -> None:
         args = tokenize(parts)
@@ -757,11 +786,13 @@ class IMAPServer(IMAP4Server):
             if not isinstance(item, Atom) or item.upper() not in STATUS_ITEMS:
                 raise Bad(b"Unknown STATUS item.")
             wanted.append(item.upper())
+        if b"HIGHESTMODSEQ" in wanted:
+            self._enable_condstore()
         shared = await self.account.open(name)
         messages, recent, unseen = shared.counts()
         values = {b"MESSAGES": messages, b"RECENT": recent, b"UIDNEXT": shared.uidnext,
                   b"UIDVALIDITY": shared.uidvalidity, b"UNSEEN": unseen,
-                  b"APPENDLIMIT": self.append_limit}
+                  b"APPENDLIMIT": self.append_limit, b"HIGHESTMODSEQ": shared.modseq}
         self._write(b"* STATUS " + wire_name(name) + b" ("
                     + b" ".join(b"%s %d" % (item, values[item]) for item in wanted) + b")")
 
@@ -789,14 +820,18 @@ class IMAPServer(IMAP4Server):
     async def do_SELECT(self, tag: bytes, parts: list[bytes], uid: bool,
                         readonly: bool = False) -> bytes:
         args = tokenize(parts)
-        if len(args) != 1:
-            raise Bad(b"SELECT takes a mailbox name.")
+        if len(args) not in (1, 2) or (len(args) == 2 and not isinstance(args[1], list)):
+            raise Bad(b"SELECT takes a mailbox name and optional parameters.")
         name = self._mailbox(args[0])
+        resync = self._select_parameters(args[1]) if len(args) == 2 else None
         if self.view is not None:
             self._unselect()
             self._write(b"* OK [CLOSED] Previous mailbox closed.")
+        if len(args) == 2:
+            self._enable_condstore()
         shared = await self.account.open(name)
         view = View(shared, readonly)
+        view.condstore, view.qresync = self.condstore, self.qresync
         shared.attach(view)
         view.recent = shared.claim_recent(view)
         view.told_recent = len(view.recent)
@@ -812,9 +847,60 @@ class IMAPServer(IMAP4Server):
             lines.append(b"* OK [UNSEEN %d] First unseen." % unseen)
         lines += [b"* OK [UIDVALIDITY %d] UIDs valid." % shared.uidvalidity,
                   b"* OK [UIDNEXT %d] Predicted next UID." % shared.uidnext]
+        if self.condstore:
+            lines.append(b"* OK [HIGHESTMODSEQ %d] Highest." % shared.modseq)
+        if resync is not None and resync[0] == shared.uidvalidity:
+            lines += self._resync_lines(view, *resync[1:])
         self._write_lines(lines)
         mode = b"READ-ONLY" if readonly else b"READ-WRITE"
         return b"[" + mode + b"] " + (b"EXAMINE" if readonly else b"SELECT") + b" completed."
+
+    def _select_parameters(self, params: list[Any]
+                           ) -> tuple[int, int, _RangeSet | None] | None:
+        """SELECT's ``(CONDSTORE)`` or ``(QRESYNC (uidvalidity modseq [known-uids
+        [seq-match]]))``: the QRESYNC values, if given (seq-match is not needed:
+        every expunged UID is kept)."""
+        resync = None
+        i = 0
+        while i < len(params):
+            word = params[i]
+            name = bytes(word).upper() if isinstance(word, Atom) else b""
+            if name == b"CONDSTORE":
+                i += 1
+            elif name == b"QRESYNC" and i + 1 < len(params) and isinstance(params[i + 1], list):
+                if not self.qresync:
+                    raise Bad(b"QRESYNC must be enabled first.")
+                values = params[i + 1]
+                if not 2 <= len(values) <= 4 or not all(isinstance(v, Atom) for v in values[:3]):
+                    raise Bad(b"Invalid QRESYNC parameter.")
+                uidvalidity = _number(values[0], b"UIDVALIDITY")
+                modseq = _number(values[1], b"mod-sequence")
+                known = None
+                if len(values) >= 3:
+                    known = _RangeSet(parse_sequence_set(values[2]))
+                resync = (uidvalidity, modseq, known)
+                i += 2
+            else:
+                raise Bad(b"Unknown SELECT parameter.")
+        return resync
+
+    def _resync_lines(self, view: View, modseq: int, known: _RangeSet | None
+                      ) -> list[bytes]:
+        """QRESYNC: what changed since *modseq*: VANISHED (EARLIER) (of the
+        *known* UID ranges, if given), then FETCH for changed messages."""
+        shared = view.shared
+        lines = []
+        vanished = shared.vanished_since(modseq)
+        if known is not None:
+            vanished = [u for u in vanished if u in known]
+        if vanished:
+            lines.append(b"* VANISHED (EARLIER) " + format_sequence_set(vanished))
+        for seq, u in enumerate(view.uids, 1):
+            m = shared.messages.get(u)
+            if m is not None and m.modseq > modseq:
+                lines.append(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))"
+                             % (seq, u, view.flag_list(m), m.modseq))
+        return lines
 
     async def do_EXAMINE(self, tag: bytes, parts: list[bytes], uid: bool) -> bytes:
         return await self.do_SELECT(tag, parts, uid, readonly=True)
@@ -894,13 +980,51 @@ class IMAPServer(IMAP4Server):
 
     async def do_FETCH(self, tag: bytes, parts: list[bytes], uid: bool) -> bytes | None:
         args = tokenize(parts)
-        if len(args) != 2:
-            raise Bad(b"FETCH takes a sequence set and attributes.")
+        if len(args) not in (2, 3) or (len(args) == 3 and not isinstance(args[2], list)):
+            raise Bad(b"FETCH takes a sequence set, attributes and optional modifiers.")
         view = self.view
+        items = parse_fetch_items(args[1])
+        changed_since, vanished = None, False
+        if len(args) == 3:
+            changed_since, vanished = self._fetch_modifiers(args[2], uid)
+        if changed_since is not None or any(item.kind == b"MODSEQ" for item in items):
+            self._enable_condstore()
         await view.shared.refresh()
         uids = self._resolve(args[0], uid)
-        items = parse_fetch_items(args[1])
+        if self.condstore and not any(item.kind == b"MODSEQ" for item in items) and (
+                changed_since is not None
+                or (not view.readonly and any(item.sets_seen for item in items))):
+            items.append(FetchItem(b"MODSEQ", key=b"MODSEQ"))
+        if changed_since is not None:
+            if vanished:
+                within = _RangeSet(parse_sequence_set(args[0]))
+                gone = [u for u in view.shared.vanished_since(changed_since) if u in within]
+                if gone:
+                    self._write(b"* VANISHED (EARLIER) " + format_sequence_set(gone))
+            uids = [u for u in uids if (m := view.message(u)) is not None
+                    and m.modseq > changed_since]
         return await self._fetch(view, uids, items, uid)
+
+    def _fetch_modifiers(self, params: list[Any], uid: bool) -> tuple[int, bool]:
+        """FETCH's ``(CHANGEDSINCE n [VANISHED])`` (RFC 7162 3.1.4, 3.2.6)."""
+        changed_since, vanished = None, False
+        i = 0
+        while i < len(params):
+            word = params[i]
+            name = bytes(word).upper() if isinstance(word, Atom) else b""
+            if name == b"CHANGEDSINCE" and i + 1 < len(params):
+                changed_since = _number(params[i + 1], b"mod-sequence")
+                i += 2
+            elif name == b"VANISHED":
+                if not uid or not self.qresync:
+                    raise Bad(b"VANISHED needs UID FETCH and QRESYNC enabled.")
+                vanished = True
+                i += 1
+            else:
+                raise Bad(b"Unknown FETCH modifier.")
+        if changed_since is None:
+            raise Bad(b"FETCH modifiers need CHANGEDSINCE.")
+        return changed_since, vanished
 
     async def _fetch(self, view: View, uids: list[int], items: list[FetchItem], uid: bool
                      ) -> bytes | None:
@@ -956,8 +1080,16 @@ class IMAPServer(IMAP4Server):
             return b"[EXPUNGEISSUED] Some messages were expunged meanwhile."
         return None
 
-    async def do_STORE(self, tag: bytes, parts: list[bytes], uid: bool) -> None:
+    async def do_STORE(self, tag: bytes, parts: list[bytes], uid: bool) -> bytes | None:
         args = tokenize(parts)
+        unchanged_since = None
+        if len(args) >= 4 and isinstance(args[1], list):
+            modifiers = args.pop(1)
+            if (len(modifiers) != 2 or not isinstance(modifiers[0], Atom)
+                    or modifiers[0].upper() != b"UNCHANGEDSINCE"):
+                raise Bad(b"Unknown STORE modifier.")
+            unchanged_since = _number(modifiers[1], b"mod-sequence")
+            self._enable_condstore()
         if len(args) < 3 or not isinstance(args[1], Atom):
             raise Bad(b"STORE takes a sequence set, an item and flags.")
         view = self.view
@@ -974,21 +1106,36 @@ class IMAPServer(IMAP4Server):
         await view.shared.refresh()
         uids = self._resolve(args[0], uid)
         live = [u for u in uids if not view.is_expunged(u)]
-        await view.shared.store(live, modes[operation], flags, view)
-        if silent:
-            return
+        before = {u: m.modseq for u in live if (m := view.message(u)) is not None}
+        modified = await view.shared.store(live, modes[operation], flags, view, unchanged_since)
+        failed = set(modified)
+        if unchanged_since is not None:
+            failed.update(u for u in uids if view.is_expunged(u)
+                          and (m := view.message(u)) is not None and m.modseq > unchanged_since)
         lines = []
         for u in uids:
             m = view.message(u)
-            if m is None:
+            if m is None or u in failed:
                 continue
             uid_part = b"UID %d " % u if uid else b""
-            lines.append(b"* %d FETCH (%sFLAGS %s)" % (view.seq(u), uid_part, view.flag_list(m)))
+            if silent:
+                # RFC 7162 3.1.3: with CONDSTORE the new MODSEQ is sent even if .SILENT
+                if not self.condstore or before.get(u, m.modseq) == m.modseq:
+                    continue
+                lines.append(b"* %d FETCH (%sMODSEQ (%d))" % (view.seq(u), uid_part, m.modseq))
+            else:
+                modseq = b" MODSEQ (%d)" % m.modseq if self.condstore else b""
+                lines.append(b"* %d FETCH (%sFLAGS %s%s)"
+                             % (view.seq(u), uid_part, view.flag_list(m), modseq))
             if len(lines) >= BATCH_MESSAGES:
                 self._write_lines(lines)
                 lines = []
                 await deferLater(self.reactor, 0, lambda: None)
         self._write_lines(lines)
+        if failed:
+            numbers = sorted(failed) if uid else sorted(view.seq(u) for u in failed)
+            return b"[MODIFIED " + format_sequence_set(numbers) + b"] Conditional STORE failed."
+        return None
 
     async def _copy(self, parts: list[bytes], uid: bool, move: bool = False
                     ) -> tuple[SharedFolder, list, View]:
@@ -1036,13 +1183,19 @@ class IMAPServer(IMAP4Server):
         except SearchSyntaxError as e:
             raise Bad(str(e).encode("ascii", "replace")) from None
         view = self.view
+        uses_modseq = program.uses_modseq()
+        if uses_modseq:
+            self._enable_condstore()
         await view.shared.refresh()
         uids = list(view.uids)
         messages = [view.message(u) for u in uids]
         seqs = await deferToThreadPool(self.reactor, self.threadpool, _search_blocking,
                                        view.shared, uids, messages, set(view.recent), program)
         numbers = [uids[s - 1] for s in seqs] if uid else seqs
-        self._write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+        suffix = b""
+        if uses_modseq and seqs:
+            suffix = b" (MODSEQ %d)" % max(messages[s - 1].modseq for s in seqs)
+        self._write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + suffix)
 
     async def do_IDLE(self, tag: bytes, parts: list[bytes], uid: bool) -> object:
         _no_arguments(parts)
@@ -1094,6 +1247,32 @@ def _quota_line(used: int, limit: int) -> bytes:
     return b'* QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, limit // 1024)
 
 
+def _number(token: Any, what: bytes) -> int:
+    """A positive 63-bit number argument."""
+    if not isinstance(token, Atom) or not token.isdigit() or len(token) > 19:
+        raise Bad(b"Invalid " + what + b".")
+    return int(token)
+
+
+class _RangeSet:
+    """A UID set as merged ranges, for membership tests; ``*`` counts as 2**32."""
+
+    def __init__(self, ranges: list[tuple[int | None, int | None]]) -> None:
+        spans = sorted(tuple(sorted((a or 2**32, b or 2**32))) for a, b in ranges)
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self._lows = [lo for lo, _ in merged]
+        self._highs = [hi for _, hi in merged]
+
+    def __contains__(self, value: int) -> bool:
+        i = bisect.bisect_right(self._lows, value) - 1
+        return i >= 0 and value <= self._highs[i]
+
+
 def _no_arguments(parts: list[bytes]) -> None:
     if len(parts) > 1 or parts[0].strip():
         raise Bad(b"This command takes no arguments.")
@@ -1118,7 +1297,7 @@ def _search_blocking(shared: SharedFolder, uids: list[int], messages: list[Any],
 
 
 STATUS_ITEMS = frozenset({b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN",
-                          b"APPENDLIMIT"})
+                          b"APPENDLIMIT", b"HIGHESTMODSEQ"})
 UID_COMMANDS = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE"})
 _ANY = ("unauth", "auth", "selected")
 _AUTHED = ("auth", "selected")
