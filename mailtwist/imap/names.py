@@ -12,10 +12,9 @@ used.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 
+from mailtwist import mutf7
 from mailtwist.storage.maildir import InvalidFolderName, validate_folder_name
 
 DELIMITER = "/"
@@ -27,67 +26,17 @@ class InvalidName(ValueError):
 
 def encode_mutf7(text: str) -> bytes:
     """Encode a mailbox name (``/`` separators) in modified UTF-7."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            b64 = base64.b64encode(raw).decode("ascii").rstrip("=")
-            out.append("&" + b64.replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in text:
-        if " " <= ch <= "~":
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out).encode("ascii")
-
-
-_SHIFT_ALPHABET = re.compile(rb"[A-Za-z0-9+,]*")
+    return mutf7.encode(text).encode("ascii")
 
 
 def decode_mutf7(raw: bytes) -> str:
-    """Decode modified UTF-7, accepting only the canonical encoding."""
-    out: list[str] = []
-    i, n = 0, len(raw)
-    while i < n:
-        c = raw[i]
-        if c == 0x26:
-            end = raw.find(b"-", i + 1)
-            if end < 0:
-                raise InvalidName("unterminated '&' in mailbox name")
-            chunk = raw[i + 1:end]
-            if not chunk:
-                out.append("&")
-            else:
-                if not _SHIFT_ALPHABET.fullmatch(chunk):
-                    raise InvalidName("invalid modified UTF-7 in mailbox name")
-                b64 = chunk.replace(b",", b"/")
-                b64 += b"=" * (-len(b64) % 4)
-                try:
-                    data = base64.b64decode(b64, validate=True)
-                    if len(data) % 2:
-                        raise ValueError("odd length")
-                    text = data.decode("utf-16-be")
-                except (binascii.Error, ValueError):
-                    raise InvalidName("invalid modified UTF-7 in mailbox name") from None
-                if any(" " <= ch <= "~" for ch in text):
-                    raise InvalidName("printable ASCII encoded in modified UTF-7")
-                out.append(text)
-            i = end + 1
-        elif 0x20 <= c <= 0x7E:
-            out.append(chr(c))
-            i += 1
-        else:
-            raise InvalidName("mailbox names must be 7-bit modified UTF-7")
-    decoded = "".join(out)
-    if encode_mutf7(decoded) != raw:
-        raise InvalidName("non-canonical modified UTF-7 in mailbox name")
-    return decoded
+    """Decode a mailbox name from the wire, accepting only the canonical encoding."""
+    try:
+        return mutf7.decode(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        raise InvalidName("mailbox names must be 7-bit modified UTF-7") from None
+    except ValueError as e:
+        raise InvalidName(f"invalid modified UTF-7 in mailbox name: {e}") from None
 
 
 def mailbox_name(raw: bytes) -> str:

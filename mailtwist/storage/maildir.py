@@ -13,8 +13,6 @@ inside this process and by the dotlock between processes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import functools
 import hashlib
@@ -36,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from twisted.logger import Logger
+
+from mailtwist import mutf7
 
 __all__ = [
     "FLAG_LETTERS",
@@ -103,64 +103,15 @@ class LockError(OSError):
 
 
 def _mutf7_encode(text: str) -> str:
-    """Encode one name component with IMAP modified UTF-7 (RFC 3501 5.1.3)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            b64 = base64.b64encode(raw).decode("ascii").rstrip("=")
-            out.append("&" + b64.replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in text:
-        if " " <= ch <= "~":
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
+    return mutf7.encode(text)
 
 
 def _mutf7_decode(text: str) -> str:
-    """Decode modified UTF-7, rejecting anything that is not canonically encoded.
-
-    Requiring the canonical form means two different directory names can
-    never decode to the same folder name.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "&":
-            end = text.find("-", i + 1)
-            if end < 0:
-                raise ValueError(f"unterminated '&' shift in {text!r}")
-            chunk = text[i + 1 : end]
-            if not chunk:
-                out.append("&")
-            else:
-                b64 = chunk.replace(",", "/")
-                b64 += "=" * (-len(b64) % 4)
-                try:
-                    raw = base64.b64decode(b64, validate=True)
-                except binascii.Error as e:
-                    raise ValueError(f"bad modified UTF-7 in {text!r}") from e
-                if len(raw) % 2:
-                    raise ValueError(f"bad modified UTF-7 in {text!r}")
-                out.append(raw.decode("utf-16-be"))
-            i = end + 1
-        elif " " <= ch <= "~":
-            out.append(ch)
-            i += 1
-        else:
-            raise ValueError(f"non-ASCII character in modified UTF-7 {text!r}")
-    decoded = "".join(out)
-    if _mutf7_encode(decoded) != text:
-        raise ValueError(f"non-canonical modified UTF-7 {text!r}")
-    return decoded
+    """Decode a directory name component; ValueError naming it if not canonical."""
+    try:
+        return mutf7.decode(text)
+    except ValueError as e:
+        raise ValueError(f"bad modified UTF-7 {text!r}: {e}") from None
 
 
 def _dir_name(canonical: str) -> str:
