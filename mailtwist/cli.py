@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     observer = _print_directory_warnings
     globalLogPublisher.addObserver(observer)
     try:
-        args.handler(args)
+        status = args.handler(args)
     except (CommandError, DirectoryError, ConfigError, SpoolError, EnvelopeError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         globalLogPublisher.removeObserver(observer)
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def _fail(message: str) -> int:
@@ -229,6 +229,13 @@ def _build_parser() -> argparse.ArgumentParser:
     command(dkim, "show", _dkim_show, "print the DNS records of a domain's keys").add_argument(
         "domain"
     )
+    dns_command = command(commands, "dns", _dns,
+                          "print the DNS records a domain needs, or check them (--check)")
+    dns_command.add_argument("domain")
+    dns_command.add_argument(
+        "--check", action="store_true",
+        help="look the records up (with [outbound] dns_servers) and report each as"
+        " ok, missing or wrong; exit status 1 unless all are ok")
     command(commands, "filters", _filters,
             "list installed filters, the roles that enable them, and check their settings")
     return parser
@@ -668,6 +675,59 @@ def _dkim_show(args: argparse.Namespace) -> None:
         raise CommandError(f"no DKIM key for {domain} (make one: mailtwist dkim keygen {domain})")
     for selector, value in records:
         print(zone_line(selector, domain, value))
+
+
+# -- dns -------------------------------------------------------------------------
+
+
+def _dns(args: argparse.Namespace) -> int:
+    from mailtwist.dkim import public_records
+    from mailtwist.dnsrecords import configured_ports, expected_records, zone_text
+    from mailtwist.queue.service import dkim_key_dir
+
+    config = _load_config(args)
+    domain = validate_domain(args.domain)
+    if config.data_dir.is_dir() and not _open_directory(config).is_local_domain(domain):
+        print(f"{PROG}: warning: {domain} is not a local domain"
+              f" (add it with: mailtwist domain add {domain})", file=sys.stderr)
+    records = expected_records(config, domain, public_records(dkim_key_dir(config), domain),
+                               configured_ports(config))
+    if not args.check:
+        sys.stdout.write(zone_text(config, domain, records))
+        return 0
+    results = _run_dns_check(config, records)
+    for result in results:
+        print(result.line())
+    bad = [r for r in results if r.status != "ok"]
+    print(f"{len(results) - len(bad)} of {len(results)} records ok")
+    return 1 if bad else 0
+
+
+def _run_dns_check(config: Config, records: list) -> list:
+    """Run the lookups on a reactor of their own (this is a one-shot command)."""
+    from twisted.internet.task import react
+    from twisted.names import client
+
+    from mailtwist.dnsrecords import check_records
+    from mailtwist.outbound.mx import parse_nameserver, system_nameservers
+
+    out = config.outbound
+    servers = ([parse_nameserver(s) for s in out.dns_servers] if out.dns_servers
+               else system_nameservers())
+    results: list = []
+
+    def run(reactor):
+        resolver = client.Resolver(servers=servers, reactor=reactor)
+        d = check_records(resolver, config.hostname, records, out.dns_timeout)
+        d.addCallback(results.extend)
+        return d
+
+    try:
+        react(run)
+    except SystemExit as e:
+        if e.code:
+            raise CommandError("the DNS check failed") from None
+    return results
 
 
 if __name__ == "__main__":

@@ -118,7 +118,30 @@ class FilterSettings:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class AuthThrottleSettings:
+    """Brute-force limits of logins (mailtwist/throttle.py), under [auth] next to
+    failure_delay. Times are seconds."""
+
+    max_delay: float = 30.0
+    window: float = 900.0
+    max_failures: int = 10
+    block_time: float = 900.0
+    account_max_failures: int = 100
+    max_entries: int = 100_000
+
+
 SMTP_ROLES = ("smtp", "submission", "submissions")
+
+
+@dataclass
+class WebSettings:
+    """The optional HTTP listener, under [web]: client autoconfiguration,
+    the MTA-STS policy and Prometheus metrics (docs/operations.md)."""
+
+    listen: list[str] = field(default_factory=list)
+    autoconfig: bool = True
+    metrics: bool = True
 
 
 @dataclass
@@ -136,11 +159,13 @@ class Config:
     postmaster: str | None = None
     pop3_idle_timeout: int = 600
     auth_failure_delay: float = 2.0
+    auth_throttle: AuthThrottleSettings = field(default_factory=AuthThrottleSettings)
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     queue: QueueSettings = field(default_factory=QueueSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     dkim: DKIMSettings = field(default_factory=DKIMSettings)
     filters: FilterSettings = field(default_factory=FilterSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     source: Path | None = None
 
     @property
@@ -194,7 +219,7 @@ def _endpoints(key: str, value: Any) -> list[str]:
 _TOP_KEYS = {
     "data_dir", "hostname", "allow_plaintext_auth", "bcrypt_rounds",
     "plus_separator", "postmaster", "listen", "tls", "smtp", "pop3", "auth",
-    "queue", "outbound", "dkim", "filters",
+    "queue", "outbound", "dkim", "filters", "web",
 }
 
 
@@ -266,9 +291,17 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
             config.pop3_idle_timeout = _positive_int("pop3.idle_timeout", value)
     if "auth" in raw:
         auth = _expect("auth", raw["auth"], dict, "a table")
+        throttle_keys = [f.name for f in fields(AuthThrottleSettings)]
         for key, value in auth.items():
+            if key in ("max_failures", "account_max_failures", "max_entries"):
+                setattr(config.auth_throttle, key, _positive_int(f"auth.{key}", value))
+                continue
+            if key in throttle_keys:
+                setattr(config.auth_throttle, key, _seconds(f"auth.{key}", value))
+                continue
             if key != "failure_delay":
-                raise ConfigError(f"auth.{key}: unknown key; allowed: failure_delay")
+                raise ConfigError(f"auth.{key}: unknown key; allowed: "
+                                  f"{', '.join(['failure_delay', *throttle_keys])}")
             _expect("auth.failure_delay", value, (int, float), "seconds (a number >= 0)")
             if value < 0:
                 raise ConfigError(f"auth.failure_delay: expected seconds >= 0, got {value}")
@@ -276,6 +309,18 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
     _apply_queue(config, raw, base)
     if "filters" in raw:
         _apply_filters(config.filters, raw["filters"])
+    if "web" in raw:
+        _apply_web(config.web, raw["web"])
+
+
+def _apply_web(settings: WebSettings, raw: Any) -> None:
+    """[web]: listen (endpoints, default none), autoconfig and metrics switches."""
+    table = _table(settings, "web", raw)
+    if "listen" in table:
+        settings.listen = _endpoints("web.listen", table["listen"])
+    for key in ("autoconfig", "metrics"):
+        if key in table:
+            setattr(settings, key, _expect(f"web.{key}", table[key], bool, "true or false"))
 
 
 def _apply_filters(settings: FilterSettings, raw: Any) -> None:
@@ -504,8 +549,18 @@ def sample_config() -> str:
 # idle_timeout = 600
 
 [auth]
-# Seconds to wait before answering a failed login.
+# Seconds to wait before answering a failed login; doubled with each further
+# failure from the same address or for the same account, up to max_delay.
 # failure_delay = 2.0
+# max_delay = 30
+# Failures are forgotten after window seconds without one.
+# window = 900
+# An address with max_failures failures is refused for block_time seconds.
+# max_failures = 10
+# block_time = 900
+# An account with this many failures is refused to addresses that have failed.
+# account_max_failures = 100
+# max_entries = 100000    # addresses (and accounts) remembered at most
 
 [queue]
 # Outbound retries, in seconds: first retry, doubling up to retry_max; give up
@@ -542,6 +597,13 @@ def sample_config() -> str:
 # [filters.header_folder]
 # header = "X-Spam-Flag"
 # folder = "Junk"
+
+[web]
+# An HTTP listener for client autoconfiguration, the MTA-STS policy and
+# Prometheus metrics (docs/operations.md); off by default.
+# listen = "tcp:8080"     # "ssl:443" uses the certificate from [tls]
+# autoconfig = true       # Thunderbird autoconfig, Outlook autodiscover, MTA-STS
+# metrics = true          # /metrics
 
 [dkim]
 # Sign mail from local domains with the keys `mailtwist dkim keygen DOMAIN` makes.

@@ -27,7 +27,6 @@ from twisted.cred import credentials, error as cred_error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.pop3 import POP3, IMailbox
@@ -38,6 +37,7 @@ from zope.interface import implementer
 from mailtwist.config import Config
 from mailtwist.storage.maildir import Folder, MessageInfo
 from mailtwist.storage.store import MailStore
+from mailtwist.throttle import LoginThrottle, LoginThrottled
 
 log = Logger()
 
@@ -51,6 +51,7 @@ PLAINTEXT_DISALLOWED = (
 AUTH_FAILED = b"[AUTH] Authentication failed."
 IN_USE = b"[IN-USE] Mailbox is locked by another POP3 session."
 TEMP_FAILURE = b"[SYS/TEMP] Internal error, try again later."
+THROTTLED = b"[SYS/TEMP] Too many failed logins, try again later."
 NO_SUCH_MESSAGE = b"no such message"
 
 
@@ -331,10 +332,13 @@ class POP3Server(POP3):
                                       b"DELE", b"RSET", b"NOOP", b"QUIT"})
 
     def __init__(self, portal: Portal | None, config: Config, tls_context: Any = None,
-                 implicit_tls: bool = False, reactor: Any = None) -> None:
+                 implicit_tls: bool = False, reactor: Any = None,
+                 throttle: LoginThrottle | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.portal = portal
+        self.throttle = (throttle if throttle is not None
+                         else LoginThrottle.from_config(config, clock=reactor))
         self.config = config
         self.tls_context = tls_context
         self.secure = implicit_tls
@@ -550,14 +554,20 @@ class POP3Server(POP3):
             return self._protocol_error(b"Invalid AUTH PLAIN response.")
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
-            return self._login_failed(Failure(cred_error.UnauthorizedLogin(
-                "authorization identity differs from authentication identity")))
+            d = self.throttle.reject(self._peer_address(), authcid)
+            d.addErrback(self._login_failed)
+            return d
         return self._login(authcid, password)
+
+    def _peer_address(self) -> str:
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", peer))
 
     def _login(self, user: bytes, password: bytes) -> defer.Deferred:
         if self.portal is None:
             return self._login_failed(Failure(cred_error.UnauthorizedLogin("no portal")))
-        d = self.portal.login(credentials.UsernamePassword(user, password), None, IMailbox)
+        d = self.throttle.login(self.portal, self._peer_address(),
+                                credentials.UsernamePassword(user, password), None, IMailbox)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(user,))
         return d
 
@@ -571,15 +581,23 @@ class POP3Server(POP3):
         log.info("POP3 login {user!r} from {peer}", user=user, peer=self.transport.getPeer())
         self.successResponse(b"Logged in.")
 
-    def _login_failed(self, failure: Failure) -> defer.Deferred | None:
+    def _login_failed(self, failure: Failure) -> None:
+        """Answer a failed login; the throttle has already waited its delay."""
         if failure.check(MailboxInUse):
             return self.failResponse(IN_USE)
+        if failure.check(LoginThrottled):
+            log.info("POP3 login from {peer} refused: too many failed logins",
+                     peer=self.transport.getPeer())
+            if not self._disconnected:
+                self.failResponse(THROTTLED)
+                self.transport.loseConnection()
+            return None
         if not failure.check(cred_error.LoginFailed):
             log.failure("POP3 login error", failure)
             return self.failResponse(TEMP_FAILURE)
         self.auth_failures += 1
         log.info("POP3 failed login from {peer}", peer=self.transport.getPeer())
-        return deferLater(self.reactor, self.config.auth_failure_delay, self._report_auth_failure)
+        return self._report_auth_failure()
 
     def _report_auth_failure(self) -> None:
         if self._disconnected:
@@ -727,7 +745,12 @@ class POP3Factory(protocol.ServerFactory):
 
     def __init__(self, portal: Portal, config: Config, tls_context: Any = None,
                  implicit_tls: bool = False, reactor: IReactorTime | None = None,
-                 threadpool: ThreadPool | None = None) -> None:
+                 threadpool: ThreadPool | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.throttle = (throttle if throttle is not None
+                         else LoginThrottle.from_config(config, clock=reactor))
         self.portal = portal
         self.config = config
         self.tls_context = tls_context
@@ -737,6 +760,7 @@ class POP3Factory(protocol.ServerFactory):
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         session = self.protocol(self.portal, self.config, tls_context=self.tls_context,
-                                implicit_tls=self.implicit_tls, reactor=self.reactor)
+                                implicit_tls=self.implicit_tls, reactor=self.reactor,
+                                throttle=self.throttle)
         session.factory = self
         return session

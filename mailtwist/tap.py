@@ -45,6 +45,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.listen: dict[str, list[str]] = {}
+        self.web: list[str] = []
 
     def _listener(role: str):  # noqa: N805 - builds the opt_ methods below
         def opt(self, endpoint: str) -> None:
@@ -61,6 +62,10 @@ class Options(usage.Options):
     opt_pop3s = _listener("pop3s")
     del _listener
 
+    def opt_web(self, endpoint: str) -> None:
+        """endpoint for the web listener: autoconfig, metrics (repeatable; 'none' disables)"""
+        self.web.append(endpoint)
+
     def overrides(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if self["data-dir"]:
@@ -71,6 +76,8 @@ class Options(usage.Options):
             result["allow_plaintext_auth"] = True
         if self.listen:
             result["listen"] = dict(self.listen)
+        if self.web:
+            result["web"] = {"listen": list(self.web)}
         return result
 
 
@@ -140,6 +147,21 @@ class MailService(service.MultiService):
     def port_of(self, role: str, index: int = 0) -> int:
         return self.listeners[role][index].port.getHost().port
 
+    def advertised_ports(self) -> dict[str, int]:
+        """Role -> the port clients should use: the first listener's bound TCP port
+        (or, before it listens, the port in its endpoint string)."""
+        from mailtwist.dnsrecords import endpoint_port
+
+        ports = {}
+        for role, listeners in self.listeners.items():
+            for listener in listeners:
+                port = getattr(listener.port.getHost(), "port", None) if listener.port \
+                    else endpoint_port(listener.description)
+                if port:
+                    ports[role] = port
+                    break
+        return ports
+
 
 def _endpoint(reactor, role: str, description: str, tls_context):
     """The endpoint and whether our factory must be wrapped in TLS (implicit-TLS roles
@@ -154,6 +176,16 @@ def _endpoint(reactor, role: str, description: str, tls_context):
         return serverFromString(reactor, description), wrap
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"listen.{role}: bad endpoint {description!r}: {e}") from None
+
+
+def _web_endpoint(reactor, description: str):
+    """Like :func:`_endpoint` for ``[web] listen``: ``ssl:`` without a key uses [tls]."""
+    kind, _, rest = description.partition(":")
+    wrap = kind == "ssl" and "privateKey=" not in rest and "certKey=" not in rest
+    try:
+        return serverFromString(reactor, "tcp:" + rest if wrap else description), wrap
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"web.listen: bad endpoint {description!r}: {e}") from None
 
 
 def _demo_account(config: Config, directory) -> None:
@@ -186,11 +218,13 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     from mailtwist.delivery import LocalDelivery
     from mailtwist.directory import FileDirectory
     from mailtwist.imap.server import IMAPFactory, register_imap
+    from mailtwist.metrics import Metrics
     from mailtwist.pop3 import POP3Factory, register_pop3
     from mailtwist.queue.service import build_outbound
     from mailtwist.smtp.policy import SMTPPolicy, register_smtp
     from mailtwist.smtp.server import SMTPFactory
     from mailtwist.storage.store import MailStore
+    from mailtwist.throttle import LoginThrottle
     from mailtwist.tls import ensure_certificate, server_context_factory
 
     try:
@@ -221,37 +255,69 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     ThreadPoolService(auth_pool).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
     portal, realm = build_portal(directory, reactor, auth_pool)
+    # One brute-force throttle for every listener: SMTP AUTH, POP3 and IMAP.
+    throttle = LoginThrottle.from_config(config, clock=reactor)
     delivery = LocalDelivery(store, reactor, io_pool)
-    dispatcher, queue_runner = build_outbound(config, directory, delivery, reactor, io_pool)
+    metrics = Metrics()
+    metrics.count_logins(portal)
+    dispatcher, queue_runner = build_outbound(config, directory,
+                                              metrics.count_deliveries(delivery), reactor,
+                                              io_pool)
+    metrics.watch_queue(lambda: len(queue_runner.spool.ids()))
+    top.metrics = metrics
     queue_runner.setServiceParent(top)
     top.dispatcher, top.queue = dispatcher, queue_runner
     register_smtp(realm, directory, dispatcher)
     register_pop3(realm, store, reactor, io_pool)
     register_imap(realm, store, reactor, io_pool, directory=directory)
     top.directory, top.store, top.delivery, top.portal = directory, store, delivery, portal
+    top.throttle = throttle
 
     for role in ROLES:
         for description in config.listen.get(role, []):
             endpoint, wrap = _endpoint(reactor, role, description, tls_context)
             implicit = role in IMPLICIT_TLS_ROLES
             if role in ("smtp", "submission", "submissions"):
-                factory = SMTPFactory(config, SMTPPolicy(role, directory), dispatcher, portal,
+                factory = SMTPFactory(config, SMTPPolicy(role, directory),
+                                      metrics.count_received(dispatcher, role), portal,
                                       tls_context, implicit_tls=implicit, reactor=reactor,
-                                      filters=chains[role])
+                                      filters=chains[role], throttle=throttle)
             elif role in ("pop3", "pop3s"):
                 factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
-                                      reactor=reactor, threadpool=io_pool)
+                                      reactor=reactor, threadpool=io_pool, throttle=throttle)
             else:
                 factory = IMAPFactory(portal, config, tls_context, implicit_tls=implicit,
-                                      reactor=reactor, threadpool=io_pool, store=store)
+                                      reactor=reactor, threadpool=io_pool, store=store,
+                                      throttle=throttle)
             factory.noisy = False
+            factory = metrics.count_connections(factory, role)
             if wrap:
                 factory = TLSMemoryBIOFactory(tls_context, False, factory)
                 factory.noisy = False
             listener = ListenerService(role, description, endpoint, factory, reactor)
             listener.setServiceParent(top)
             top.listeners.setdefault(role, []).append(listener)
+    if config.web.listen:
+        _add_web_listeners(top, config, directory, metrics, tls_context, reactor, io_pool)
     return top
+
+
+def _add_web_listeners(top: MailService, config: Config, directory, metrics, tls_context,
+                       reactor, io_pool) -> None:
+    """The optional [web] listener: autoconfig, MTA-STS policy, /metrics."""
+    from mailtwist.web import build_site
+
+    site = build_site(config, directory.is_local_domain, top.advertised_ports, metrics,
+                      reactor, io_pool)
+    for description in config.web.listen:
+        endpoint, wrap = _web_endpoint(reactor, description)
+        factory = metrics.count_connections(site, "web")
+        if wrap:
+            factory = TLSMemoryBIOFactory(tls_context, False, factory)
+            factory.noisy = False
+        listener = ListenerService("web", description, endpoint, factory, reactor)
+        listener.setServiceParent(top)
+        top.listeners.setdefault("web", []).append(listener)
 
 
 def makeService(options: Options) -> service.IService:

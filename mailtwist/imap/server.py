@@ -107,6 +107,7 @@ from mailtwist.imap.wire import (
     tokenize,
 )
 from mailtwist.storage.store import MailStore
+from mailtwist.throttle import LoginThrottle, LoginThrottled
 
 log = Logger()
 
@@ -234,10 +235,13 @@ class IMAPServer(IMAP4Server):
 
     def __init__(self, portal: Portal | None, config: Config, tls_context: Any = None,
                  implicit_tls: bool = False, reactor: Any = None,
-                 threadpool: ThreadPool | None = None) -> None:
+                 threadpool: ThreadPool | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
         super().__init__(chal={}, contextFactory=tls_context)
         if reactor is None:
             from twisted.internet import reactor
+        self.throttle = (throttle if throttle is not None
+                         else LoginThrottle.from_config(config, clock=reactor))
         self.portal = portal
         self.config = config
         self.tls_context = tls_context
@@ -587,17 +591,15 @@ class IMAPServer(IMAP4Server):
             raise Bad(b"Invalid PLAIN response.")
         authzid, authcid, password = fields
         if authzid and authzid != authcid:
-            await self._login_failed()
+            await self._guarded_login(self.throttle.reject(self._peer_address(), authcid))
         return await self._login(authcid, password)
 
     async def _login(self, user: bytes, password: bytes) -> bytes:
         if self.portal is None:
-            await self._login_failed()
-        try:
-            _, avatar, logout = await self.portal.login(
-                credentials.UsernamePassword(user, password), None, IAccount)
-        except cred_error.LoginFailed:
-            await self._login_failed()
+            raise No(b"[UNAVAILABLE] Authentication is not available.")
+        creds = credentials.UsernamePassword(user, password)
+        _, avatar, logout = await self._guarded_login(
+            self.throttle.login(self.portal, self._peer_address(), creds, None, IAccount))
         if self._disconnected:
             logout()
             return b""
@@ -609,13 +611,27 @@ class IMAPServer(IMAP4Server):
                  peer=self.transport.getPeer())
         return b"[CAPABILITY " + b" ".join(self.capability_list()) + b"] Logged in."
 
-    async def _login_failed(self) -> None:
-        self.auth_failures += 1
-        log.info("IMAP failed login from {peer}", peer=self.transport.getPeer())
-        await deferLater(self.reactor, self.config.auth_failure_delay, lambda: None)
-        if self.auth_failures >= MAX_AUTH_FAILURES and not self._disconnected:
-            self.reactor.callLater(0, self._too_many_failures)
-        raise No(b"[AUTHENTICATIONFAILED] Authentication failed.")
+    def _peer_address(self) -> str:
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", peer))
+
+    async def _guarded_login(self, attempt: defer.Deferred) -> Any:
+        """Await a throttled login (the shared LoginThrottle has already waited its
+        delay on failure) and turn failures into IMAP answers."""
+        try:
+            return await attempt
+        except LoginThrottled:
+            log.info("IMAP login from {peer} refused: too many failed logins",
+                     peer=self.transport.getPeer())
+            if not self._disconnected:
+                self.reactor.callLater(0, self._too_many_failures)
+            raise No(b"[UNAVAILABLE] Too many failed logins; try again later.") from None
+        except cred_error.LoginFailed:
+            self.auth_failures += 1
+            log.info("IMAP failed login from {peer}", peer=self.transport.getPeer())
+            if self.auth_failures >= MAX_AUTH_FAILURES and not self._disconnected:
+                self.reactor.callLater(0, self._too_many_failures)
+            raise No(b"[AUTHENTICATIONFAILED] Authentication failed.") from None
 
     def _too_many_failures(self) -> None:
         self._write(b"* BYE Too many failed logins.")
@@ -1386,7 +1402,8 @@ class IMAPFactory(protocol.ServerFactory):
 
     def __init__(self, portal: Portal, config: Config, tls_context: Any = None,
                  implicit_tls: bool = False, reactor: Any = None,
-                 threadpool: ThreadPool | None = None, store: MailStore | None = None) -> None:
+                 threadpool: ThreadPool | None = None, store: MailStore | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
         self.portal = portal
         self.config = config
         self.tls_context = tls_context
@@ -1394,11 +1411,15 @@ class IMAPFactory(protocol.ServerFactory):
         self.reactor = reactor
         self.threadpool = threadpool
         self.store = store
+        if reactor is None:
+            from twisted.internet import reactor
+        self.throttle = (throttle if throttle is not None
+                         else LoginThrottle.from_config(config, clock=reactor))
         self.sessions: set[IMAPServer] = set()
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         session = self.protocol(self.portal, self.config, tls_context=self.tls_context,
                                 implicit_tls=self.implicit_tls, reactor=self.reactor,
-                                threadpool=self.threadpool)
+                                threadpool=self.threadpool, throttle=self.throttle)
         session.factory = self
         return session

@@ -55,6 +55,7 @@ from mailtwist.interfaces import (
 from mailtwist.queue.dispatch import header_section, received_count
 from mailtwist.queue.envelope import Recipient
 from mailtwist.smtp.policy import PolicyReject, SMTPPolicy
+from mailtwist.throttle import LoginThrottle, LoginThrottled
 from mailtwist.smtp.wire import (
     Command,
     CommandTooLong,
@@ -431,7 +432,10 @@ class MailtwistSMTP(ESMTP):
             return None
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
-            return self._login(b"", b"")
+            d = self.factory.throttle.reject(self._peer_host().decode("ascii", "replace"),
+                                             authcid)
+            d.addErrback(self._login_failed, authcid)
+            return d
         return self._login(authcid, password)
 
     def _auth_login_user(self, decoded: bytes) -> None:
@@ -443,8 +447,9 @@ class MailtwistSMTP(ESMTP):
         return self._login(self._login_user, decoded)
 
     def _login(self, username: bytes, password: bytes) -> defer.Deferred:
-        d = self.portal.login(credentials.UsernamePassword(username, password), None,
-                              IMessageDelivery)
+        d = self.factory.throttle.login(
+            self.portal, self._peer_host().decode("ascii", "replace"),
+            credentials.UsernamePassword(username, password), None, IMessageDelivery)
         d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
         return d
 
@@ -470,11 +475,18 @@ class MailtwistSMTP(ESMTP):
         return self._filtered("auth", user, True, then=decided)
 
     def _login_failed(self, failure, username: bytes = b"") -> defer.Deferred | None:
+        """A failed login, answered after the throttle's delay (already waited)."""
+        if failure.check(LoginThrottled):
+            log.info("SMTP AUTH from {peer} refused: too many failed logins",
+                     peer=self._peer_host())
+            self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: too many "
+                                     "failed logins, try again later")
+            self._quitting = True
+            self.transport.loseConnection()
+            return None
         if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
             return failure
         log.info("SMTP AUTH failure from {peer}", peer=self._peer_host())
-        d = defer.Deferred()
-        self.factory.reactor.callLater(self.factory.config.auth_failure_delay, d.callback, None)
 
         def decided(stage: StageResult) -> None:
             if stage.refused:
@@ -482,9 +494,8 @@ class MailtwistSMTP(ESMTP):
             else:
                 self._error(535, "5.7.8", "Error: authentication credentials invalid")
 
-        d.addCallback(lambda _: self._filtered(
-            "auth", username.decode("utf-8", "replace"), False, then=decided))
-        return d
+        return self._filtered("auth", username.decode("utf-8", "replace"), False,
+                              then=decided)
 
     # -- the mail transaction ----------------------------------------------
 
@@ -793,10 +804,13 @@ class SMTPFactory(protocol.ServerFactory):
 
     def __init__(self, config, policy: SMTPPolicy, delivery, portal=None, tls_context=None,
                  implicit_tls: bool = False, reactor=None,
-                 filters: FilterChain | None = None) -> None:
+                 filters: FilterChain | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.filters = filters if filters is not None else FilterChain(clock=reactor)
+        self.throttle = (throttle if throttle is not None
+                         else LoginThrottle.from_config(config, clock=reactor))
         self.config = config
         self.policy = policy
         self.delivery = delivery

@@ -1,0 +1,287 @@
+"""Issue 6, security and durability: the protections already in place, by item.
+
+Only what the protocol test modules do not already cover (docs/security.md
+lists where each item is tested). Real service on 127.0.0.1, real or raw
+clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import poplib
+import smtplib
+import socket
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support import DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_some
+
+SMUGGLING_ENDINGS = (b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n",
+                     b"\r\n\x00.\r\n", b"\n.\r")
+
+RELAY_TESTS = (
+    f"user%other.test@{DOMAIN}",
+    f'"user@other.test"@{DOMAIN}',
+    f"@{DOMAIN}:user@other.test",
+    f"user@other.test@{DOMAIN}",
+    f"other.test!user@{DOMAIN}",
+    "user@[127.0.0.1]",
+    "user@other.test",
+)
+
+
+def smtp_session(port: int, wire: bytes, wait: float = 0.5) -> bytes:
+    """Send *wire* (pipelined) after the greeting; all replies until quiet or closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        received = bytearray(read_some(sock, 0.3))
+        sock.sendall(wire)
+        received += read_some(sock, wait)
+        return bytes(received)
+
+
+def read_final_reply(sock: socket.socket) -> bytes:
+    """Everything up to and including the first final (non-334) SMTP reply line."""
+    data = bytearray()
+    sock.settimeout(10)
+    while not any(line[:3].isdigit() and line[3:4] == b" " and line[:3] != b"334"
+                  for line in bytes(data).split(b"\r\n")[:-1]):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def reply_lines(data: bytes) -> list[bytes]:
+    """The last line of every reply (code + space)."""
+    return [line for line in data.split(b"\r\n") if line[:3].isdigit() and line[3:4] == b" "]
+
+
+class SmugglingTests(ServerMixin, unittest.TestCase):
+    """Item 8: SMTP smuggling."""
+
+    def setUp(self):
+        return self.start_server()
+
+    @defer.inlineCallbacks
+    def test_no_fake_end_of_data_smuggles_a_second_message(self):
+        """Guards item 8 end to end on port 25: after each known fake end-of-data
+        (bare LF/CR variants and CRLF NUL . CRLF) a smuggled MAIL/RCPT/DATA stays
+        message content: one 354 and one 250 per real message, and nothing for
+        the smuggled recipient."""
+        wire = b"EHLO c.test\r\n"
+        for ending in SMUGGLING_ENDINGS:
+            wire += (b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                     b"Subject: real\r\n\r\nbody" + ending
+                     + b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<bob@example.test>\r\n"
+                       b"DATA\r\nSubject: smuggled\r\n\r\nhi\r\n.\r\n")
+        wire += b"QUIT\r\n"
+        data = yield self.in_thread(smtp_session, self.port("smtp"), wire)
+        codes = [line[:3] for line in reply_lines(data)]
+        n = len(SMUGGLING_ENDINGS)
+        self.assertEqual(codes, [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * n
+                         + [b"221"])
+        self.assertEqual(self.maildir_files(f"bob@{DOMAIN}"), [])
+        messages = [p.read_bytes() for p in self.maildir_files(f"alice@{DOMAIN}")]
+        self.assertEqual(len(messages), n)
+        for message in messages:
+            self.assertIn(b"Subject: smuggled", message)
+
+
+class OpenRelayTests(ServerMixin, unittest.TestCase):
+    """Item 10: no open relay, whatever the address form."""
+
+    def setUp(self):
+        d = self.start_server()
+        d.addCallback(lambda _: self.directory.add_alias(f"@{DOMAIN}", [f"bob@{DOMAIN}"]))
+        return d
+
+    def queued(self) -> list[str]:
+        queue = self.data_dir / "queue"
+        return sorted(p.name for p in queue.rglob("*") if p.is_file()) if queue.exists() else []
+
+    def try_relay(self, port: int, rcpt: str) -> tuple[int, int | None]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("c.test")
+            mail, _ = client.mail("s@remote.test")
+            code, _ = client.rcpt(f"<{rcpt}>")
+            sent = None
+            if code == 250:
+                sent, _ = client.data(b"Subject: relay test\r\n\r\nx\r\n")
+            return (mail, code) if mail != 250 else (code, sent)
+
+    @defer.inlineCallbacks
+    def test_relay_test_addresses_are_refused_or_stay_local(self):
+        """Guards item 10 on port 25 and on unauthenticated 587: the classic
+        relay-test forms (percent hack, quoted @, source route, double @, bang
+        path, address literal) are refused or delivered to a local mailbox (here
+        the catch-all), and nothing ever reaches the outbound queue."""
+        results = {}
+        for role in ("smtp", "submission"):
+            for rcpt in RELAY_TESTS:
+                results[role, rcpt] = yield self.in_thread(self.try_relay, self.port(role), rcpt)
+        for (role, rcpt), (code, sent) in results.items():
+            if role == "submission":
+                self.assertEqual(code, 530, rcpt)
+            elif code == 250:
+                self.assertEqual(sent, 250, rcpt)
+            else:
+                self.assertEqual(code // 100, 5, (rcpt, code))
+        self.assertEqual(results["smtp", f"@{DOMAIN}:user@other.test"][0], 554)
+        self.assertEqual(results["smtp", "user@[127.0.0.1]"][0], 554)
+        self.assertEqual(self.queued(), [])
+        local = [p.read_bytes() for p in self.maildir_files(f"bob@{DOMAIN}")]
+        accepted = [rcpt for (role, rcpt), (code, _) in results.items() if code == 250]
+        self.assertEqual(len(local), len(accepted))
+
+
+class EnumerationTests(ServerMixin, unittest.TestCase):
+    """Item 15: no user enumeration."""
+
+    def setUp(self):
+        # Sixteen failed logins from one address: above the throttle's default block.
+        d = self.start_server(auth={"max_failures": 1000})
+        d.addCallback(lambda _: self.directory.add_account(f"off@{DOMAIN}", PASSWORD))
+        d.addCallback(lambda _: self.directory.set_account_enabled(f"off@{DOMAIN}", False))
+        return d
+
+    @defer.inlineCallbacks
+    def test_vrfy_same_for_known_and_unknown_expn_refused(self):
+        """Guards item 15 for VRFY/EXPN: VRFY answers 252 alike for an account and
+        a non-existent address, and EXPN is refused, on every SMTP port."""
+        for role in ("smtp", "submission"):
+            data = yield self.in_thread(smtp_session, self.port(role),
+                                        b"EHLO c.test\r\nVRFY alice@example.test\r\n"
+                                        b"VRFY nobody@example.test\r\nVRFY alice\r\n"
+                                        b"EXPN alice@example.test\r\nQUIT\r\n")
+            lines = reply_lines(data)
+            self.assertEqual(lines[2], lines[3])
+            self.assertEqual(lines[2], lines[4])
+            self.assertTrue(lines[2].startswith(b"252 "), lines[2])
+            self.assertTrue(lines[5].startswith(b"502 "), lines[5])
+
+    def smtp_auth(self, user: str, password: str, mechanism: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port("submissions")), timeout=10) as s:
+            sock = client_tls_context().wrap_socket(s)
+            read_some(sock, 0.2)
+            sock.sendall(b"EHLO c.test\r\n")
+            read_some(sock, 0.2)
+            if mechanism == "PLAIN":
+                token = base64.b64encode(f"\0{user}\0{password}".encode())
+                sock.sendall(b"AUTH PLAIN " + token + b"\r\n")
+            else:
+                sock.sendall(b"AUTH LOGIN\r\n" + base64.b64encode(user.encode()) + b"\r\n"
+                             + base64.b64encode(password.encode()) + b"\r\n")
+            return read_final_reply(sock)
+
+    def pop3_auth(self, user: str, password: str, mechanism: str) -> bytes:
+        client = poplib.POP3_SSL("127.0.0.1", self.port("pop3s"), timeout=10,
+                                 context=client_tls_context())
+        try:
+            if mechanism == "USER":
+                client._putcmd(f"USER {user}")
+                user_reply = client._getline()[0]
+                client._putcmd(f"PASS {password}")
+                return user_reply + b"|" + client._getline()[0]
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            client._putcmd(f"AUTH PLAIN {token}")
+            return client._getline()[0]
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_unknown_disabled_and_wrong_password_replies_identical(self):
+        """Guards item 15 for logins: an unknown user, a disabled account and a
+        wrong password get byte-identical replies in SMTP AUTH (PLAIN, LOGIN)
+        and POP3 (USER/PASS, AUTH PLAIN)."""
+        cases = [(f"alice@{DOMAIN}", "wrong"), (f"nobody@{DOMAIN}", "wrong"),
+                 (f"off@{DOMAIN}", PASSWORD), ("nobody@nowhere.test", "wrong")]
+        for mechanism in ("PLAIN", "LOGIN"):
+            replies = []
+            for user, password in cases:
+                replies.append((yield self.in_thread(self.smtp_auth, user, password, mechanism)))
+            self.assertEqual(len(set(replies)), 1, replies)
+            self.assertIn(b"535 5.7.8 ", replies[0])
+        for mechanism in ("USER", "PLAIN"):
+            replies = []
+            for user, password in cases:
+                replies.append((yield self.in_thread(self.pop3_auth, user, password, mechanism)))
+            self.assertEqual(len(set(replies)), 1, replies)
+            self.assertTrue(replies[0].endswith(b"-ERR [AUTH] Authentication failed."),
+                            replies[0])
+
+
+class CommandFloodTests(ServerMixin, unittest.TestCase):
+    """Item 11 (SMTP and POP3): megabytes without a line end in command mode."""
+
+    def setUp(self):
+        return self.start_server()
+
+    def record_peak(self, role: str, measure) -> list[int]:
+        """Wrap the listener's sessions so every dataReceived records *measure(session)*."""
+        factory = self.server.listeners[role][0].factory
+        peaks: list[int] = []
+        build = factory.buildProtocol
+
+        def buildProtocol(addr):
+            session = build(addr)
+            received = session.dataReceived
+
+            def dataReceived(data):
+                received(data)
+                peaks.append(measure(session))
+            session.dataReceived = dataReceived
+            peaks.append(0)
+            return session
+        factory.buildProtocol = buildProtocol
+        return peaks
+
+    @staticmethod
+    def flood(port: int, size: int, after: bytes) -> tuple[bytes, bool]:
+        """Greeting, *size* bytes of 'x', then *after*; replies and whether the server closed."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            received = bytearray(read_some(sock, 0.3))
+            chunk = b"x" * 65536
+            try:
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+                sock.sendall(after)
+                received += read_some(sock, 0.5)
+            except OSError:
+                return bytes(received), True
+            try:
+                sock.sendall(b"NOOP\r\n")
+                more = read_some(sock, 0.5)
+            except OSError:
+                return bytes(received), True
+            received += more
+            return bytes(received), not more
+
+    @defer.inlineCallbacks
+    def test_smtp_five_megabytes_without_crlf(self):
+        """Guards item 11 for SMTP: 5 MB without a line end is skipped with the
+        framer's buffer never above the command limit, answered 500 5.5.2 once
+        the line ends, and the session goes on."""
+        peaks = self.record_peak("smtp", lambda s: s.framer.buffered)
+        data, closed = yield self.in_thread(self.flood, self.port("smtp"), 5 * 1024 * 1024,
+                                            b"\r\nEHLO c.test\r\n")
+        self.assertFalse(closed)
+        self.assertEqual([line[:9] for line in reply_lines(data)],
+                         [b"220 mx.ex", b"500 5.5.2", b"250 SMTPU", b"250 2.0.0"])
+        self.assertTrue(peaks)
+        self.assertLessEqual(max(peaks), self.config.smtp.max_command_line + 2)
+
+    @defer.inlineCallbacks
+    def test_pop3_five_megabytes_without_crlf(self):
+        """Guards item 11 for POP3: 5 MB without a line end ends the session
+        ("Line too long") with the line buffer bounded by one read past the limit."""
+        from mailtwist.pop3 import MAX_LINE
+        peaks = self.record_peak("pop3", lambda s: len(s.lines))
+        data, closed = yield self.in_thread(self.flood, self.port("pop3"), 5 * 1024 * 1024,
+                                            b"\r\n")
+        self.assertTrue(closed)
+        self.assertTrue(data.startswith(b"+OK mailtwist POP3"), data[:100])
+        self.assertNotIn(b"+OK\r\n", data[20:])
+        self.assertTrue(peaks)
+        self.assertLessEqual(max(peaks), MAX_LINE + 2 + 65536)
