@@ -221,6 +221,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     from mailtwist.metrics import Metrics
     from mailtwist.pop3 import POP3Factory, register_pop3
     from mailtwist.queue.service import build_outbound
+    from mailtwist.quota import QuotaChecker
     from mailtwist.smtp.policy import SMTPPolicy, register_smtp
     from mailtwist.smtp.server import SMTPFactory
     from mailtwist.storage.store import MailStore
@@ -257,6 +258,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     portal, realm = build_portal(directory, reactor, auth_pool)
     # One brute-force throttle for every listener: SMTP AUTH, POP3 and IMAP.
     throttle = LoginThrottle.from_config(config, clock=reactor)
+    quota = QuotaChecker(directory, store, reactor, io_pool)
     delivery = LocalDelivery(store, reactor, io_pool)
     metrics = Metrics()
     metrics.count_logins(portal)
@@ -281,7 +283,8 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
                 factory = SMTPFactory(config, SMTPPolicy(role, directory),
                                       metrics.count_received(dispatcher, role), portal,
                                       tls_context, implicit_tls=implicit, reactor=reactor,
-                                      filters=chains[role], throttle=throttle)
+                                      filters=chains[role], throttle=throttle,
+                                      quota=quota)
             elif role in ("pop3", "pop3s"):
                 factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
                                       reactor=reactor, threadpool=io_pool, throttle=throttle)

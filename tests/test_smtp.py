@@ -401,3 +401,35 @@ class CommandHygieneTests(ServerMixin, unittest.TestCase):
         codes = [line[:9] for line in data.split(b"\r\n") if line[3:4] == b" "]
         self.assertEqual(codes, [b"220 mx.ex", b"250 SMTPU", b"500 5.5.2", b"500 5.5.2",
                                  b"500 5.5.2", b"500 5.5.2", b"503 5.5.1", b"221 2.0.0"])
+
+
+class QuotaTests(ServerMixin, unittest.TestCase):
+    """Guards mailbox quotas at SMTP delivery (RCPT-time, like Dovecot's LMTP)."""
+
+    def setUp(self):
+        return self.start_server(accounts=("alice",))
+
+    def rcpt(self, address: str, size: int | None = None) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", self.port("smtp"), timeout=10) as client:
+            client.ehlo("c.test")
+            client.mail("s@remote.test", [f"SIZE={size}"] if size else [])
+            return client.rcpt(address)
+
+    @defer.inlineCallbacks
+    def test_full_mailbox_refuses_recipient_others_still_accepted(self):
+        """A declared SIZE over the quota, or a mailbox already at its quota, refuses
+        that recipient at RCPT with 552 5.2.2; a message accepted at RCPT is stored
+        even if it takes the mailbox over (never refused after DATA); accounts
+        without a quota are unaffected."""
+        self.directory.add_account(f"small@{DOMAIN}", PASSWORD, quota_bytes=2000)
+        code, _ = yield self.in_thread(self.rcpt, f"small@{DOMAIN}", 5000)
+        self.assertEqual(code, 552)
+        data = yield self.in_thread(raw_exchange, self.port("smtp"), [
+            b"EHLO c.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<small@example.test>\r\n"
+            b"DATA\r\n", b"Subject: fill\r\n\r\n" + b"x" * 2500 + b"\r\n.\r\n"])
+        self.assertIn(b"250 2.0.0 Ok: queued", data)
+        code, text = yield self.in_thread(self.rcpt, f"small@{DOMAIN}")
+        self.assertEqual((code, text[:6]), (552, b"5.2.2 "))
+        code, _ = yield self.in_thread(self.rcpt, f"alice@{DOMAIN}", 5000)
+        self.assertEqual(code, 250)
+        self.assertEqual(len(self.maildir_files(f"small@{DOMAIN}")), 1)

@@ -87,6 +87,7 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     content: bytearray = field(default_factory=bytearray)
+    declared_size: int = 0
     too_big: bool = False
     discarded: bool = False
     discarded_recipients: int = 0
@@ -512,6 +513,7 @@ class MailtwistSMTP(ESMTP):
             self._error(501, "5.5.4", f"Syntax: MAIL FROM:<address>: {e}")
             return
         smtputf8 = False
+        size = 0
         dsn: dict[str, str] = {}
         for key, value in path.params.items():
             if key == "SIZE":
@@ -554,6 +556,7 @@ class MailtwistSMTP(ESMTP):
                 self._refuse(result.verdict)
                 return
             self.transaction = Transaction(sender=path.address, smtputf8=smtputf8,
+                                           declared_size=size,
                                            ret=dsn.get("RET"), envid=dsn.get("ENVID"),
                                            discarded=isinstance(result.verdict, Discard))
             self.filter_session.reset_envelope()
@@ -613,7 +616,19 @@ class MailtwistSMTP(ESMTP):
             self.filter_session.recipients.append(path.address)
             self.reply(250, "2.1.5", "Ok")
 
-        return self._filtered("rcpt", path.address, then=decided)
+        def filter_then_decide(_: object = None) -> defer.Deferred | None:
+            return self._filtered("rcpt", path.address, then=decided)
+
+        quota = self.factory.quota
+        if quota is None or not route.local:
+            return filter_then_decide()
+
+        def checked(full: list[str]) -> defer.Deferred | None:
+            if full:
+                self.reply(552, "5.2.2", f"<{path.address}>: Recipient mailbox is full")
+                return None
+            return filter_then_decide()
+        return quota.over_quota(route.local, txn.declared_size).addCallback(checked)
 
     def smtp_DATA(self, rest: bytes) -> None:
         if rest:
@@ -805,9 +820,10 @@ class SMTPFactory(protocol.ServerFactory):
     def __init__(self, config, policy: SMTPPolicy, delivery, portal=None, tls_context=None,
                  implicit_tls: bool = False, reactor=None,
                  filters: FilterChain | None = None,
-                 throttle: LoginThrottle | None = None) -> None:
+                 throttle: LoginThrottle | None = None, quota=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        self.quota = quota
         self.filters = filters if filters is not None else FilterChain(clock=reactor)
         self.throttle = (throttle if throttle is not None
                          else LoginThrottle.from_config(config, clock=reactor))
