@@ -92,11 +92,21 @@ class ListenerService(service.Service):
         self.reactor = reactor
         self.port = None
         self.listening: defer.Deferred = defer.Deferred()
+        self._attempt: defer.Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        """Bind before twistd drops privileges (``--uid``), so ports below 1024 work."""
+        super().privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
-        d = self.endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, self._failed)
+        if self._attempt is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        self._attempt = self.endpoint.listen(self.factory)
+        self._attempt.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port) -> None:
         self.port = port
@@ -112,9 +122,12 @@ class ListenerService(service.Service):
         self.listening.errback(failure)
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
+        self._attempt = None
         if self.port is not None:
             port, self.port = self.port, None
             return defer.maybeDeferred(port.stopListening)
@@ -134,6 +147,50 @@ class ThreadPoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class TmpCleanupService(service.Service):
+    """Once at start-up, in a worker thread: remove what crashed deliveries left
+    in the Maildirs' tmp/ (rule: `Maildir.clean_tmp`)."""
+
+    def __init__(self, store, reactor, pool: ThreadPool) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.pool = pool
+        self.done: defer.Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.threads import deferToThreadPool
+
+        self.done = deferToThreadPool(self.reactor, self.pool, self._clean)
+        self.done.addCallbacks(self._cleaned, self._failed)
+
+    def _clean(self) -> tuple[int, int]:
+        from mailtwist.storage.maildir import Maildir
+
+        maildirs = removed = 0
+        for domain in _subdirs(self.store.root):
+            for account in _subdirs(domain):
+                maildirs += 1
+                removed += Maildir(account, hostname=self.store.hostname).clean_tmp()
+        return maildirs, removed
+
+    def _cleaned(self, result: tuple[int, int]) -> None:
+        maildirs, removed = result
+        log.info("tmp/ cleanup done: {removed} leftover file(s) removed in {maildirs} "
+                 "Maildir(s)", removed=removed, maildirs=maildirs)
+
+    def _failed(self, failure) -> None:
+        log.error("tmp/ cleanup failed: {error}", error=failure.getErrorMessage())
+
+
+def _subdirs(path) -> list:
+    """The subdirectories of path (none if it does not exist)."""
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 class MailService(service.MultiService):
@@ -255,6 +312,8 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     io_pool = ThreadPool(minthreads=0, maxthreads=8, name="mail-io")
     ThreadPoolService(auth_pool).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
+    top.tmp_cleanup = TmpCleanupService(store, reactor, io_pool)
+    top.tmp_cleanup.setServiceParent(top)
     portal, realm = build_portal(directory, reactor, auth_pool)
     # One brute-force throttle for every listener: SMTP AUTH, POP3 and IMAP.
     throttle = LoginThrottle.from_config(config, clock=reactor)

@@ -136,3 +136,25 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("demo@example.test", output)
         self.assertTrue((cwd / "mailtwist-data" / "tls" / "cert.pem").exists())
         self.assertIn("demo@example.test:", (cwd / "mailtwist-data" / "users").read_text())
+
+
+class PrivilegedStartTests(unittest.TestCase):
+    """Listeners bind in privilegedStartService, before twistd's --uid switch, so a
+    server started as root can listen on port 25 and then run unprivileged."""
+
+    def test_binds_before_privileges_are_dropped_and_only_once(self):
+        from twisted.internet import reactor
+
+        from mailtwist.tap import build_service
+        settings = {"data_dir": str(Path(self.mktemp()).resolve()), "hostname": "mx.test",
+                    "listen": {"smtp": ["tcp:0:interface=127.0.0.1"], "submission": "none",
+                               "submissions": "none", "imap": "none", "imaps": "none",
+                               "pop3": "none", "pop3s": "none"}}
+        server = build_service(load_config(None, settings), reactor)
+        [listener] = server.listeners["smtp"]
+        server.privilegedStartService()
+        self.assertIsNotNone(listener.port)
+        port = listener.port
+        server.startService()
+        self.addCleanup(server.stopService)
+        self.assertIs(listener.port, port)
