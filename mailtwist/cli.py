@@ -28,8 +28,10 @@ from mailtwist.config import (
     sample_config,
 )
 from mailtwist.directory import (
+    DUMMY_HASH,
     DirectoryError,
     FileDirectory,
+    NewAccount,
     validate_address,
     validate_domain,
 )
@@ -174,6 +176,24 @@ def _build_parser() -> argparse.ArgumentParser:
         user, "disable", _user_disable, "forbid logins (mail is still delivered)"
     ).add_argument("address")
     command(user, "enable", _user_enable, "allow logins again").add_argument("address")
+    user_import = command(
+        user,
+        "import",
+        _user_import,
+        "import accounts from a Dovecot passwd-file (bcrypt hashes only)",
+    )
+    user_import.add_argument("file", metavar="FILE", help="passwd-file, or - for stdin")
+    user_import.add_argument(
+        "--disabled-placeholder",
+        action="store_true",
+        help="create accounts whose hash scheme is not supported, disabled and"
+        " with no usable password (set one with mailtwist user passwd, then"
+        " mailtwist user enable)",
+    )
+    user_import.add_argument(
+        "--domain",
+        help="domain for user names without '@' (Dovecot's %%n logins)",
+    )
 
     alias = commands.add_parser(
         "alias", help="manage aliases and catch-alls", parents=[common]
@@ -192,6 +212,22 @@ def _build_parser() -> argparse.ArgumentParser:
     alias_del.add_argument("alias")
     alias_del.add_argument("target", nargs="?")
     command(alias, "list", _alias_list, "list aliases")
+    alias_import = command(
+        alias,
+        "import",
+        _alias_import,
+        "merge a Postfix virtual alias map into the aliases",
+    )
+    alias_import.add_argument(
+        "file", metavar="FILE", help="virtual map source file, or - for stdin"
+    )
+    for sub in (user_import, alias_import):
+        sub.add_argument(
+            "--add-domains",
+            action="store_true",
+            help="add the domains that are not local yet (otherwise their"
+            " entries are reported and left out)",
+        )
 
     queue = commands.add_parser(
         "queue", help="inspect and manage the outbound queue", parents=[common]
@@ -505,6 +541,116 @@ def _user_enable(args: argparse.Namespace) -> None:
     print(f"enabled logins of {address}")
 
 
+def _read_import_file(name: str) -> list[str]:
+    """Return the lines of an import file (``-`` is standard input)."""
+    try:
+        if name == "-":
+            text = sys.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as f:
+                text = f.read()
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})")
+    return text.splitlines()
+
+
+_BCRYPT_IMPORT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_SCHEME_RE = re.compile(r"\{([A-Za-z0-9._-]+)\}(.*)", re.DOTALL)
+_BCRYPT_SCHEMES = ("BLF-CRYPT", "BCRYPT", "CRYPT")
+
+
+def _import_hash(password_field: str) -> tuple[str | None, str]:
+    """Return (bcrypt hash or None, scheme name) of a passwd-file password field.
+
+    Dovecot's default scheme for a field without ``{SCHEME}`` is CRYPT,
+    whose hash may be bcrypt (``$2y$``); ``$2x$`` (the buggy variant) is not
+    accepted.
+    """
+    match = _SCHEME_RE.fullmatch(password_field)
+    scheme, value = (match.group(1).upper(), match.group(2)) if match else (
+        "CRYPT", password_field
+    )
+    if scheme in _BCRYPT_SCHEMES and _BCRYPT_IMPORT_RE.fullmatch(value):
+        # bcrypt (and so check_password) reads $2a$, $2b$ and $2y$ alike.
+        return value, scheme
+    if scheme == "CRYPT" and value.startswith("$"):
+        scheme = {"$1$": "MD5-CRYPT", "$5$": "SHA256-CRYPT", "$6$": "SHA512-CRYPT"}.get(
+            value[:3], scheme
+        )
+    return None, scheme
+
+
+def _user_import(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    default_domain = validate_domain(args.domain) if args.domain else None
+    lines = _read_import_file(args.file)
+    accounts: list[NewAccount] = []
+    line_of: dict[str, int] = {}
+    placeholders: set[str] = set()
+    notes: list[tuple[int, str]] = []
+    disabled_notes: dict[str, tuple[int, str]] = {}
+
+    def skip(number: int, reason: str) -> None:
+        notes.append((number, f"skipped line {number}: {reason}"))
+
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":", 7)
+        user = fields[0].strip()
+        if len(fields) < 2:
+            skip(number, "expected user:{SCHEME}hash:...")
+            continue
+        if "@" not in user and default_domain is not None:
+            user = f"{user}@{default_domain}"
+        try:
+            address = validate_address(user)
+        except DirectoryError as e:
+            skip(number, f"{e}{' (use --domain)' if '@' not in user else ''}")
+            continue
+        if address in line_of:
+            skip(number, f"{address}: duplicate of line {line_of[address]}")
+            continue
+        line_of[address] = number
+        password_hash, scheme = _import_hash(fields[1].strip())
+        if password_hash is not None:
+            accounts.append(NewAccount(address, "{BLF-CRYPT}" + password_hash))
+            continue
+        reason = (f"scheme {scheme} not supported;"
+                  " set a new password with mailtwist user passwd")
+        if not args.disabled_placeholder:
+            skip(number, f"{address}: {reason}")
+            continue
+        disabled_notes[address] = (number, f"disabled line {number}: {address}:"
+                                            f" {reason}, then mailtwist user enable")
+        placeholders.add(address)
+        accounts.append(NewAccount(
+            address, "{BLF-CRYPT}" + DUMMY_HASH.decode("ascii"), enabled=False
+        ))
+    result = directory.add_accounts(accounts, add_domains=args.add_domains)
+    for address in result.existing:
+        skip(line_of[address], f"{address}: account already exists")
+    for address in result.unknown_domain:
+        domain = address.rpartition("@")[2]
+        skip(line_of[address], f"{address}: domain {domain} is not local"
+                               f" (mailtwist domain add {domain}, or --add-domains)")
+    skipped = len(notes)
+    notes += [disabled_notes[a] for a in result.added if a in disabled_notes]
+    for domain in result.domains_added:
+        print(f"added domain {domain}")
+    for _, note in sorted(notes):
+        print(note)
+    disabled = len(placeholders.intersection(result.added))
+    summary = f"{_count(len(result.added) - disabled, 'account')} imported"
+    if args.disabled_placeholder:
+        summary += f", {disabled} created disabled"
+    print(f"{summary}, {skipped} skipped")
+
+
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    return f"{number} {noun if number == 1 else (plural or noun + 's')}"
+
+
 # -- alias -----------------------------------------------------------------------
 
 
@@ -545,6 +691,73 @@ def _alias_del(args: argparse.Namespace) -> None:
 def _alias_list(args: argparse.Namespace) -> None:
     for alias, targets in _directory(args).aliases().items():
         print(f"{alias}: {', '.join(targets)}")
+
+
+def _parse_virtual_map(
+    lines: list[str],
+) -> tuple[dict[str, list[str]], dict[str, int], list[tuple[int, str]]]:
+    """Parse a Postfix virtual(5) source file.
+
+    Returns the aliases (canonical key to targets, repeated keys merged),
+    the line each key starts on, and one message per bad entry.
+    """
+    logical: list[tuple[int, str]] = []
+    problems: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            if logical:
+                logical[-1] = (logical[-1][0], logical[-1][1] + " " + line.strip())
+            else:
+                problems.append((number, f"skipped line {number}: continuation"
+                                         " line without an entry before it"))
+            continue
+        logical.append((number, line.strip()))
+    aliases: dict[str, list[str]] = {}
+    line_of: dict[str, int] = {}
+    for number, text in logical:
+        key_text = text.split(None, 1)[0]
+        rest = text[len(key_text):]
+        targets = [t for t in re.split(r"[\s,]+", rest) if t]
+        try:
+            if "@" not in key_text:
+                raise CommandError(
+                    f"key {key_text!r} has no '@' (a virtual alias domain line? add"
+                    " it with mailtwist domain add)"
+                )
+            if key_text.startswith("@"):
+                key = "@" + validate_domain(key_text[1:])
+            else:
+                key = validate_address(key_text)
+            if not targets:
+                raise CommandError(f"{key}: no target")
+            canonical = [validate_address(t) for t in targets]
+        except (CommandError, DirectoryError) as e:
+            problems.append((number, f"skipped line {number}: {e}"))
+            continue
+        merged = aliases.setdefault(key, [])
+        merged.extend(t for t in canonical if t not in merged)
+        line_of.setdefault(key, number)
+    return aliases, line_of, problems
+
+
+def _alias_import(args: argparse.Namespace) -> None:
+    directory = _directory(args)
+    aliases, line_of, problems = _parse_virtual_map(_read_import_file(args.file))
+    result = directory.add_aliases(aliases, add_domains=args.add_domains)
+    for domain in result.domains_added:
+        print(f"added domain {domain}")
+    for key in result.unknown_domain:
+        domain = key.rpartition("@")[2]
+        problems.append((line_of[key], f"skipped line {line_of[key]}: {key}: domain"
+                         f" {domain} is not local (mailtwist domain add {domain},"
+                         " or --add-domains)"))
+    for _, problem in sorted(problems):
+        print(problem)
+    print(f"{_count(len(result.added), 'alias', 'aliases')} added,"
+          f" {len(result.merged)} merged, {len(result.existing)} unchanged,"
+          f" {len(problems)} skipped")
 
 
 # -- queue -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +41,10 @@ from twisted.logger import Logger
 __all__ = [
     "DUMMY_HASH",
     "Account",
+    "BulkResult",
     "DirectoryError",
     "FileDirectory",
+    "NewAccount",
     "Resolution",
     "check_password",
     "hash_password",
@@ -1000,6 +1002,127 @@ class FileDirectory:
                     [e for e in changed if not e.targets],
                 ),
             )
+
+
+    # -- bulk imports -----------------------------------------------------------
+
+    def add_accounts(
+        self, accounts: Sequence[NewAccount], add_domains: bool = False
+    ) -> BulkResult:
+        """Add many accounts with ready-made hashes in one locked edit.
+
+        Accounts that exist are left alone; accounts in domains that are not
+        local are left out unless ``add_domains``, which adds those domains
+        first.  Each address ends up in exactly one list of the result.
+        """
+        result = BulkResult()
+        with self._locked():
+            domain_lines = self._read_locked(DOMAINS_FILE)
+            domains = set(_parse_domains(domain_lines, _no_warn))
+            lines = self._read_locked(USERS_FILE)
+            present = {a for a in map(_user_line_address, lines) if a is not None}
+            new_lines: list[str] = []
+            for account in accounts:
+                canonical = validate_address(account.address)
+                domain = canonical.rpartition("@")[2]
+                if canonical in present:
+                    result.existing.append(canonical)
+                    continue
+                if domain not in domains:
+                    if not add_domains:
+                        result.unknown_domain.append(canonical)
+                        continue
+                    domains.add(domain)
+                    result.domains_added.append(domain)
+                entry = _UserLine(canonical, account.scheme_and_hash, [""] * 5, [])
+                entry.set_enabled(account.enabled)
+                new_lines.append(entry.format())
+                present.add(canonical)
+                result.added.append(canonical)
+            if result.domains_added:
+                self._write(DOMAINS_FILE, domain_lines + result.domains_added)
+            if new_lines:
+                self._write(USERS_FILE, lines + new_lines)
+        return result
+
+    def add_aliases(
+        self, aliases: Mapping[str, Sequence[str]], add_domains: bool = False
+    ) -> BulkResult:
+        """Merge many aliases into the aliases file in one locked edit.
+
+        A new alias is appended; the missing targets of an existing one are
+        added to it (``existing`` lists those that needed nothing).  Aliases
+        in domains that are not local are left out unless ``add_domains``.
+        """
+        result = BulkResult()
+        with self._locked():
+            domain_lines = self._read_locked(DOMAINS_FILE)
+            domains = set(_parse_domains(domain_lines, _no_warn))
+            lines = self._read_locked(ALIASES_FILE)
+            by_key: dict[str, list[_AliasEntry]] = {}
+            for entry in _alias_entries(lines, _no_warn):
+                key = _quiet(entry.key)
+                if isinstance(key, str):
+                    by_key.setdefault(key, []).append(entry)
+            updated: dict[int, _AliasEntry] = {}
+            appended: list[_AliasEntry] = []
+            for alias, raw_targets in aliases.items():
+                key = _canonical_alias_key(alias)
+                targets = list(dict.fromkeys(validate_address(t) for t in raw_targets))
+                if not targets:
+                    raise DirectoryError(f"alias {key!r} needs at least one target")
+                domain = key.rpartition("@")[2]
+                if domain not in domains:
+                    if not add_domains:
+                        result.unknown_domain.append(key)
+                        continue
+                    domains.add(domain)
+                    result.domains_added.append(domain)
+                entries = by_key.get(key)
+                if not entries:
+                    entry = _AliasEntry(-1, -1, key, targets)
+                    by_key[key] = [entry]
+                    appended.append(entry)
+                    result.added.append(key)
+                    continue
+                present = [t for e in entries for t in e.targets]
+                missing = [
+                    t for t in targets if not any(_same_address(p, t) for p in present)
+                ]
+                if not missing:
+                    result.existing.append(key)
+                    continue
+                entries[0].targets.extend(missing)
+                if entries[0].first_line >= 0:
+                    updated[entries[0].first_line] = entries[0]
+                result.merged.append(key)
+            new_lines = [entry.format() for entry in appended]
+            if result.domains_added:
+                self._write(DOMAINS_FILE, domain_lines + result.domains_added)
+            if updated or new_lines:
+                rewritten = _rewrite_entries(lines, list(updated.values()), [])
+                self._write(ALIASES_FILE, rewritten + new_lines)
+        return result
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    """An account to import: its address and a ready ``{SCHEME}hash`` field."""
+
+    address: str
+    scheme_and_hash: str
+    enabled: bool = True
+
+
+@dataclass
+class BulkResult:
+    """What a bulk import did, address by address (or alias key by key)."""
+
+    added: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    unknown_domain: list[str] = field(default_factory=list)
+    domains_added: list[str] = field(default_factory=list)
 
 
 def _rewrite_entries(
