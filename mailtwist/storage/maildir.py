@@ -298,6 +298,44 @@ def _unique_base(hostname: str, size: int, vsize: int) -> str:
     return f"{secs}.M{nsecs // 1000}P{os.getpid()}Q{q}.{hostname},S={size},W={vsize}"
 
 
+_BASE_PID_HOST = re.compile(r"^[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\.([^,:]+)")
+TMP_MAX_AGE = 36 * 3600
+
+
+def _pid_is_dead(pid: int) -> bool:
+    """Whether no process with this PID runs on this host (False when unsure)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _tmp_is_leftover(name: str, st: os.stat_result, hostname: str, now: float) -> bool:
+    """Whether a file in tmp/ can no longer be part of a live delivery.
+
+    ctime is used, not mtime: a delivery may set an old mtime (IMAP APPEND's
+    internal date) while the file is still in tmp/, but cannot set ctime.
+    A file is a leftover if it is older than `TMP_MAX_AGE` (Dovecot's rule),
+    or if its name says it was created on this host (our host name) by a
+    process that no longer runs, or by an earlier process with our own PID,
+    and it predates this process.
+    """
+    if st.st_ctime < now - TMP_MAX_AGE:
+        return True
+    match = _BASE_PID_HOST.match(name)
+    if match is None or match[2] != hostname:
+        return False
+    pid = int(match[1])
+    if pid == os.getpid():
+        return st.st_ctime < _PROCESS_START - 1
+    return st.st_ctime < _PROCESS_START and _pid_is_dead(pid)
+
+
 _SIZE_FIELD = re.compile(r",S=([0-9]+)(?=,|$)")
 _VSIZE_FIELD = re.compile(r",W=([0-9]+)(?=,|$)")
 
@@ -1285,6 +1323,36 @@ class Maildir:
     ) -> str:
         """Store a message durably in folder; return its base name (see `Folder.deliver`)."""
         return self.folder(folder).deliver(message, flags, mtime)
+
+    def clean_tmp(self, now: float | None = None) -> int:
+        """Remove leftovers of crashed deliveries from every folder's tmp/.
+
+        See `_tmp_is_leftover` for the rule; files of live deliveries (this
+        process's, or another running process's) are never touched.  Returns
+        how many files were removed.
+        """
+        now = time.time() if now is None else now
+        removed = 0
+        folders = [self.root, *(path for _, path in self._folder_dirs())]
+        for folder_path in folders:
+            try:
+                with os.scandir(folder_path / "tmp") as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if entry.is_dir(follow_symlinks=False):
+                        continue
+                    if _tmp_is_leftover(entry.name, st, self.hostname, now):
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    _log.warn("cannot remove {path} from tmp/: {error}", path=entry.path, error=e)
+        return removed
 
     def _folder_dirs(self) -> Iterator[tuple[str, pathlib.Path]]:
         try:
