@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailtwist.config import Config
+from mailtwist.serial import SerialCommands
 from mailtwist.storage.maildir import Folder, MessageInfo
 from mailtwist.storage.store import MailStore
 from mailtwist.throttle import LoginThrottle, LoginThrottled
@@ -321,9 +322,10 @@ def register_pop3(realm: Any, store: MailStore, reactor: IReactorThreads,
     return locks
 
 
-class POP3Server(POP3):
+class POP3Server(SerialCommands, POP3):
     """One POP3 session. See the module docstring for what differs from Twisted."""
 
+    max_paused_input = MAX_PAUSED_INPUT
     max_errors = 10
     max_auth_failures = 3
     authorization_commands = frozenset({b"CAPA", b"USER", b"PASS", b"AUTH", b"APOP", b"STLS",
@@ -351,9 +353,6 @@ class POP3Server(POP3):
         self.auth_failures = 0
         self._user: bytes | None = None
         self._sasl_pending = False
-        self._busy = False
-        self._in_loop = False
-        self._paused = False
         self._disconnected = False
         self._update: defer.Deferred | None = None
 
@@ -381,47 +380,23 @@ class POP3Server(POP3):
         if self._disconnected or self.transport.disconnecting:
             return
         self.lines.feed(data)
-        self._process_lines()
+        self.run_commands()
 
-    def _process_lines(self) -> None:
-        self._in_loop = True
+    def next_command(self) -> bytes | None:
         try:
-            while not self._busy and not self.transport.disconnecting:
-                try:
-                    line = self.lines.next_line()
-                except LineTooLong:
-                    self.failResponse(b"Line too long.")
-                    self.transport.loseConnection()
-                    return
-                if line is None:
-                    break
-                try:
-                    result = self.lineReceived(line)
-                except Exception:
-                    self._unexpected_error(Failure())
-                    continue
-                if isinstance(result, defer.Deferred):
-                    self._busy = True
-                    result.addErrback(self._unexpected_error)
-                    result.addBoth(self._command_done)
-        finally:
-            self._in_loop = False
-        if self._busy and not self._paused and len(self.lines) > MAX_PAUSED_INPUT:
-            self._paused = True
-            self.transport.pauseProducing()
+            return self.lines.next_line()
+        except LineTooLong:
+            self.failResponse(b"Line too long.")
+            self.transport.loseConnection()
+            return None
 
-    def _command_done(self, result: object) -> None:
-        self._busy = False
-        if self._disconnected:
-            return
-        self.resetTimeout()
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-        if not self._in_loop:
-            self._process_lines()
+    def handle_command(self, command: bytes) -> defer.Deferred | None:
+        return self.lineReceived(command)
 
-    def _unexpected_error(self, failure: Failure) -> None:
+    def buffered_input(self) -> int:
+        return len(self.lines)
+
+    def command_failed(self, failure: Failure) -> None:
         log.failure("POP3 command failed", failure)
         if not self._disconnected:
             self.failResponse(TEMP_FAILURE)

@@ -106,6 +106,7 @@ from mailtwist.imap.wire import (
     split_first_word,
     tokenize,
 )
+from mailtwist.serial import SerialCommands
 from mailtwist.storage.store import MailStore
 from mailtwist.throttle import LoginThrottle, LoginThrottled
 
@@ -230,8 +231,10 @@ def _flag_arguments(tokens: list[Any]) -> list[str]:
     return flags
 
 
-class IMAPServer(IMAP4Server):
+class IMAPServer(SerialCommands, IMAP4Server):
     """One IMAP session. See the module docstring for what differs from Twisted."""
+
+    max_paused_input = MAX_PAUSED_INPUT
 
     def __init__(self, portal: Portal | None, config: Config, tls_context: Any = None,
                  implicit_tls: bool = False, reactor: Any = None,
@@ -261,9 +264,6 @@ class IMAPServer(IMAP4Server):
         self._continuation: Callable[[list[bytes]], Any] | None = None
         self._idle_tag: bytes | None = None
         self._pushing = False
-        self._busy = False
-        self._in_loop = False
-        self._paused = False
         self._disconnected = False
         self.condstore = False
         self.qresync = False
@@ -306,43 +306,18 @@ class IMAPServer(IMAP4Server):
             return
         self.resetTimeout()
         self.framer.feed(data)
-        self._process()
+        self.run_commands()
 
-    def _process(self) -> None:
-        self._in_loop = True
-        try:
-            while not self._busy and not self._disconnected and not self.transport.disconnecting:
-                event = self.framer.next_event()
-                if event is None:
-                    break
-                try:
-                    result = self._handle_event(event)
-                except Exception:  # noqa: BLE001 - one failing command must not end the session
-                    log.failure("IMAP command failed")
-                    self._write(b"* BAD Internal error.")
-                    continue
-                if isinstance(result, defer.Deferred):
-                    self._busy = True
-                    result.addErrback(self._unexpected_error)
-                    result.addBoth(self._command_done)
-        finally:
-            self._in_loop = False
-        if self._busy and not self._paused and len(self.framer) > MAX_PAUSED_INPUT:
-            self._paused = True
-            self.transport.pauseProducing()
+    def next_command(self) -> Any:
+        return self.framer.next_event()
 
-    def _command_done(self, result: object) -> None:
-        self._busy = False
-        if self._disconnected:
-            return
-        self.resetTimeout()
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-        if not self._in_loop:
-            self._process()
+    def handle_command(self, command: Any) -> defer.Deferred | None:
+        return self._handle_event(command)
 
-    def _unexpected_error(self, failure: Failure) -> None:
+    def buffered_input(self) -> int:
+        return len(self.framer)
+
+    def command_failed(self, failure: Failure) -> None:
         log.failure("IMAP command failed", failure)
         self._write(b"* BAD Internal error.")
 
