@@ -38,7 +38,7 @@ from mailtwist.config import Config
 from mailtwist.serial import SerialCommands
 from mailtwist.storage.maildir import Folder, MessageInfo
 from mailtwist.storage.store import MailStore
-from mailtwist.throttle import LoginThrottle, LoginThrottled
+from mailtwist.throttle import ensure_throttle, LoginThrottle, LoginThrottled
 
 log = Logger()
 
@@ -339,8 +339,7 @@ class POP3Server(SerialCommands, POP3):
         if reactor is None:
             from twisted.internet import reactor
         self.portal = portal
-        self.throttle = (throttle if throttle is not None
-                         else LoginThrottle.from_config(config, clock=reactor))
+        self.throttle = ensure_throttle(throttle, config, reactor)
         self.config = config
         self.tls_context = tls_context
         self.secure = implicit_tls
@@ -724,8 +723,7 @@ class POP3Factory(protocol.ServerFactory):
                  throttle: LoginThrottle | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.throttle = (throttle if throttle is not None
-                         else LoginThrottle.from_config(config, clock=reactor))
+        self.throttle = ensure_throttle(throttle, config, reactor)
         self.portal = portal
         self.config = config
         self.tls_context = tls_context

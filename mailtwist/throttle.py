@@ -192,3 +192,10 @@ class LoginThrottle:
         later: defer.Deferred = defer.Deferred()
         self.clock.callLater(delay, later.errback, failure)
         return later
+
+
+def ensure_throttle(throttle: LoginThrottle | None, config: Any,
+                    clock: IReactorTime) -> LoginThrottle:
+    """*throttle* (the one the service shares), or a new one from the config for a
+    protocol built on its own, e.g. in a unit test."""
+    return throttle if throttle is not None else LoginThrottle.from_config(config, clock)

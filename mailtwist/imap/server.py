@@ -108,7 +108,7 @@ from mailtwist.imap.wire import (
 )
 from mailtwist.serial import SerialCommands
 from mailtwist.storage.store import MailStore
-from mailtwist.throttle import LoginThrottle, LoginThrottled
+from mailtwist.throttle import ensure_throttle, LoginThrottle, LoginThrottled
 
 log = Logger()
 
@@ -243,8 +243,7 @@ class IMAPServer(SerialCommands, IMAP4Server):
         super().__init__(chal={}, contextFactory=tls_context)
         if reactor is None:
             from twisted.internet import reactor
-        self.throttle = (throttle if throttle is not None
-                         else LoginThrottle.from_config(config, clock=reactor))
+        self.throttle = ensure_throttle(throttle, config, reactor)
         self.portal = portal
         self.config = config
         self.tls_context = tls_context
@@ -1388,8 +1387,7 @@ class IMAPFactory(protocol.ServerFactory):
         self.store = store
         if reactor is None:
             from twisted.internet import reactor
-        self.throttle = (throttle if throttle is not None
-                         else LoginThrottle.from_config(config, clock=reactor))
+        self.throttle = ensure_throttle(throttle, config, reactor)
         self.sessions: set[IMAPServer] = set()
 
     def buildProtocol(self, addr: Any) -> IMAPServer:

@@ -55,7 +55,7 @@ from mailtwist.interfaces import (
 from mailtwist.queue.dispatch import header_section, received_count
 from mailtwist.queue.envelope import Recipient
 from mailtwist.smtp.policy import PolicyReject, SMTPPolicy
-from mailtwist.throttle import LoginThrottle, LoginThrottled
+from mailtwist.throttle import ensure_throttle, LoginThrottle, LoginThrottled
 from mailtwist.smtp.wire import (
     Command,
     CommandTooLong,
@@ -825,8 +825,7 @@ class SMTPFactory(protocol.ServerFactory):
             from twisted.internet import reactor
         self.quota = quota
         self.filters = filters if filters is not None else FilterChain(clock=reactor)
-        self.throttle = (throttle if throttle is not None
-                         else LoginThrottle.from_config(config, clock=reactor))
+        self.throttle = ensure_throttle(throttle, config, reactor)
         self.config = config
         self.policy = policy
         self.delivery = delivery
