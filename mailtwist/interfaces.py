@@ -248,6 +248,23 @@ class FilterSession:
 
 
 @dataclass(frozen=True)
+class FilterContext:
+    """What the server tells a filter about itself when building it: its host
+    name (the authserv-id of Authentication-Results, the greeting name), a
+    private directory for persistent state (``data_dir/filters/<name>``,
+    created on first use by the filter), the DNS servers of ``[outbound]``
+    (``host:port`` strings; empty means the system resolver), the reactor and
+    a thread pool for blocking work."""
+
+    hostname: str
+    state_dir: Any
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 10.0
+    reactor: Any = None
+    threadpool: Any = None
+
+
+@dataclass(frozen=True)
 class DeliveryTarget:
     """One local copy at the delivery stage: the account it is stored for and
     the envelope address the mail was sent to."""
@@ -292,6 +309,9 @@ class IFilterFactory(Interface):
     name = Attribute("The name mailtwist.toml enables the filter by.")
     description = Attribute("One line for `mailtwist filters`.")
 
-    def build(settings: Mapping[str, Any]) -> IFilter:
+    def build(settings: Mapping[str, Any], context: FilterContext | None = None) -> IFilter:
         """A filter for these settings (the ``[filters.NAME]`` table, maybe empty);
-        raise :class:`mailtwist.filters.FilterConfigError` for a bad one."""
+        raise :class:`mailtwist.filters.FilterConfigError` for a bad one.
+        *context* is the server's :class:`FilterContext` (None in unit tests that
+        build a filter alone); factories written before it existed may omit the
+        parameter, the loader then calls ``build(settings)``."""

@@ -298,8 +298,6 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
         log.info("TLS certificate {cert} (self-signed) SHA-256 fingerprint {fp}",
                  cert=cert, fp=fp)
     tls_context = server_context_factory(config.cert_path, config.key_path)
-    chains = build_chains(config, clock=reactor)
-    chains.update(filters or {})
 
     directory = FileDirectory(config.data_dir, plus_separator=config.plus_separator,
                               postmaster=config.postmaster)
@@ -312,6 +310,8 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     io_pool = ThreadPool(minthreads=0, maxthreads=8, name="mail-io")
     ThreadPoolService(auth_pool).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
+    chains = build_chains(config, clock=reactor, threadpool=io_pool)
+    chains.update(filters or {})
     top.tmp_cleanup = TmpCleanupService(store, reactor, io_pool)
     top.tmp_cleanup.setServiceParent(top)
     portal, realm = build_portal(directory, reactor, auth_pool)

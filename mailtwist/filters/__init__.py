@@ -5,6 +5,8 @@ see docs/filters.md.
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable, Mapping
 
 from twisted.plugin import IPlugin
@@ -61,7 +63,7 @@ class FilterFactory:
     defaults updated with the settings.  Export an instance from a module in
     ``mailtwist/plugins/`` to make the filter installable by name."""
 
-    def __init__(self, name: str, build: Callable[[dict[str, Any]], IFilter],
+    def __init__(self, name: str, build: Callable[..., IFilter],
                  description: str = "", defaults: Mapping[str, Any] | None = None) -> None:
         self.name = name
         self.description = description
@@ -84,8 +86,22 @@ class FilterFactory:
             result[key] = value
         return result
 
-    def build(self, settings: Mapping[str, Any]) -> IFilter:
-        return self._build(self.validate(settings))
+    def build(self, settings: Mapping[str, Any], context: Any = None) -> IFilter:
+        """Validate *settings*, then call the build function with them, and with
+        *context* too when it takes a second parameter."""
+        validated = self.validate(settings)
+        if accepts_context(self._build):
+            return self._build(validated, context)
+        return self._build(validated)
+
+
+def accepts_context(func: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def _same_kind(default: Any, value: Any) -> bool:

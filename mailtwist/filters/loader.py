@@ -9,9 +9,9 @@ from twisted.plugin import getPlugins
 from twisted.python.reflect import namedAny
 
 from mailtwist.config import SMTP_ROLES, Config, ConfigError
-from mailtwist.filters import FilterConfigError
+from mailtwist.filters import FilterConfigError, accepts_context
 from mailtwist.filters.chain import FilterChain
-from mailtwist.interfaces import IFilter, IFilterFactory
+from mailtwist.interfaces import FilterContext, IFilter, IFilterFactory
 
 
 def installed_factories() -> dict[str, IFilterFactory]:
@@ -44,13 +44,16 @@ def find_factory(name: str, installed: dict[str, IFilterFactory] | None = None
     raise ConfigError(f"filter {name!r}: not installed; installed filters: {names}")
 
 
-def build_filter(name: str, settings: dict, installed: dict[str, IFilterFactory] | None = None
-                 ) -> IFilter:
+def build_filter(name: str, settings: dict, installed: dict[str, IFilterFactory] | None = None,
+                 context: FilterContext | None = None) -> IFilter:
     """Build one configured filter; ConfigError naming ``filters.NAME.key`` when its
-    settings are refused."""
+    settings are refused.  *context* reaches factories whose ``build`` takes it."""
     factory = find_factory(name, installed)
     try:
-        flt = factory.build(settings)
+        if accepts_context(factory.build):
+            flt = factory.build(settings, context)
+        else:
+            flt = factory.build(settings)
     except FilterConfigError as e:
         where = f"filters.{name}" + (f".{e.key}" if e.key else "")
         raise ConfigError(f"{where}: {e}") from None
@@ -59,7 +62,16 @@ def build_filter(name: str, settings: dict, installed: dict[str, IFilterFactory]
     return flt
 
 
-def build_chains(config: Config, clock=None) -> dict[str, FilterChain]:
+def filter_context(config: Config, name: str, reactor=None, threadpool=None) -> FilterContext:
+    """The FilterContext filter *name* is built with under *config*."""
+    return FilterContext(hostname=config.hostname,
+                         state_dir=config.data_dir / "filters" / name,
+                         dns_servers=tuple(config.outbound.dns_servers),
+                         dns_timeout=config.outbound.dns_timeout,
+                         reactor=reactor, threadpool=threadpool)
+
+
+def build_chains(config: Config, clock=None, threadpool=None) -> dict[str, FilterChain]:
     """A FilterChain per SMTP role (empty where nothing is enabled)."""
     settings = config.filters
     installed = installed_factories() if settings.enabled else {}
@@ -69,7 +81,9 @@ def build_chains(config: Config, clock=None) -> dict[str, FilterChain]:
         filters = []
         for name in settings.enabled.get(role, []):
             if name not in built:
-                built[name] = build_filter(name, settings.settings.get(name, {}), installed)
+                context = filter_context(config, name, clock, threadpool)
+                built[name] = build_filter(name, settings.settings.get(name, {}), installed,
+                                           context)
             filters.append(built[name])
         chains[role] = FilterChain(filters, timeout=settings.timeout, clock=clock)
     return chains
