@@ -3,10 +3,18 @@
 The checker runs bcrypt in a small dedicated thread pool (never on the reactor),
 and spends the same time on an unknown user, a disabled user and a wrong password
 (all checked against a real hash), giving the same answer for each.
+
+Like Dovecot's auth cache, recently verified logins are remembered for a short
+time so that clients that log in for every check (mobile mail, fetchmail, the
+IMAP "login-heavy" load) do not pay bcrypt each time: see :class:`VerifiedCache`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
 from typing import Any, Callable
 
 from twisted.cred import credentials, error
@@ -21,19 +29,96 @@ from zope.interface import implementer
 from mailtwist.directory import DUMMY_HASH, FileDirectory, check_password
 
 
+class VerifiedCache:
+    """Recently verified (username, password) pairs, held only as keyed hashes.
+
+    The key of an entry is HMAC-SHA256 under a random per-process secret over the
+    username, the password *and the stored bcrypt hash*: nothing here can be
+    turned back into a password, a memory dump reveals nothing without the
+    secret, and a password change (new hash) or a disabled account makes the old
+    entry unreachable at once.  Entries live *ttl* seconds on the reactor's
+    clock; at most *size* are kept (least recently used dropped).  Only
+    successes are cached, so wrong passwords always cost a bcrypt check.
+    """
+
+    def __init__(self, clock: Any, ttl: float = 300.0, size: int = 10_000) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.size = size
+        self._secret = os.urandom(32)
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+
+    def _key(self, username: str, password: str, password_hash: bytes) -> bytes:
+        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for part in (username.encode("utf-8"), password.encode("utf-8"), password_hash):
+            mac.update(len(part).to_bytes(4, "big") + part)
+        return mac.digest()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hit(self, username: str, password: str, password_hash: bytes) -> bool:
+        """Was this exact login verified less than ttl seconds ago?"""
+        if self.ttl <= 0:
+            return False
+        key = self._key(username, password, password_hash)
+        expires = self._entries.get(key)
+        if expires is None:
+            return False
+        if expires <= self.clock.seconds():
+            del self._entries[key]
+            return False
+        self._entries.move_to_end(key)
+        return True
+
+    def add(self, username: str, password: str, password_hash: bytes) -> None:
+        if self.ttl <= 0 or self.size <= 0:
+            return
+        key = self._key(username, password, password_hash)
+        self._entries[key] = self.clock.seconds() + self.ttl
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 @implementer(ICredentialsChecker)
 class BcryptChecker:
-    """Checks username/password against the directory's bcrypt hashes in *threadpool*."""
+    """Checks username/password against the directory's bcrypt hashes in *threadpool*,
+    answering from *cache* (a :class:`VerifiedCache`) for a login verified recently."""
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
     def __init__(self, directory: FileDirectory, reactor: IReactorThreads,
-                 threadpool: ThreadPool) -> None:
+                 threadpool: ThreadPool, cache: VerifiedCache | None = None) -> None:
         self.directory = directory
         self.reactor = reactor
         self.threadpool = threadpool
+        self.cache = cache
 
-    def _check(self, username: str, password: str) -> str:
+    def _cached(self, username: str, password: str) -> str | None:
+        """The account's address when this login is in the cache and still valid."""
+        try:
+            account = self.directory.get_account(username)
+        except Exception:
+            return None
+        if account is None or not account.enabled or account.password_hash is None:
+            return None
+        if self.cache.hit(username, password, account.password_hash):
+            return account.address
+        return None
+
+    def _remember(self, verified: tuple[str, bytes], username: str, password: str) -> str:
+        address, password_hash = verified
+        self.cache.add(username, password, password_hash)
+        return address
+
+    def _verify(self, username: str, password: str) -> tuple[str, bytes]:
+        """(address, the hash the password matched) or UnauthorizedLogin; the
+        cache keys on that very hash, so a concurrent password change can't
+        make the old password valid again."""
         account = None
         try:
             account = self.directory.get_account(username)
@@ -43,7 +128,7 @@ class BcryptChecker:
         password_hash = account.password_hash if usable else DUMMY_HASH
         matched = check_password(password, password_hash)
         if usable and matched:
-            return account.address
+            return account.address, password_hash
         raise error.UnauthorizedLogin("authentication failed")
 
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred:
@@ -51,7 +136,14 @@ class BcryptChecker:
         password = _text(creds.password)
         if username is None or password is None or not username or not password:
             return defer.fail(error.UnauthorizedLogin("authentication failed"))
-        return deferToThreadPool(self.reactor, self.threadpool, self._check, username, password)
+        if self.cache is None:
+            d = deferToThreadPool(self.reactor, self.threadpool, self._verify, username, password)
+            return d.addCallback(lambda verified: verified[0])
+        address = self._cached(username, password)
+        if address is not None:
+            return defer.succeed(address)
+        d = deferToThreadPool(self.reactor, self.threadpool, self._verify, username, password)
+        return d.addCallback(self._remember, username, password)
 
 
 def _text(value: bytes | str) -> str | None:
@@ -95,7 +187,8 @@ def _noop() -> None:
 
 
 def build_portal(directory: FileDirectory, reactor: IReactorThreads,
-                 threadpool: ThreadPool) -> tuple[Portal, MailRealm]:
+                 threadpool: ThreadPool, cache: VerifiedCache | None = None
+                 ) -> tuple[Portal, MailRealm]:
     """One Portal and realm for every protocol of the server."""
     realm = MailRealm()
-    return Portal(realm, [BcryptChecker(directory, reactor, threadpool)]), realm
+    return Portal(realm, [BcryptChecker(directory, reactor, threadpool, cache)]), realm

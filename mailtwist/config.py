@@ -129,6 +129,10 @@ class AuthThrottleSettings:
     block_time: float = 900.0
     account_max_failures: int = 100
     max_entries: int = 100_000
+    #: Verified-login cache (mailtwist.auth.VerifiedCache): seconds an entry
+    #: lives (0 turns the cache off) and how many entries are kept.
+    cache_ttl: float = 300.0
+    cache_size: int = 10_000
 
 
 SMTP_ROLES = ("smtp", "submission", "submissions")
@@ -293,7 +297,13 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
         auth = _expect("auth", raw["auth"], dict, "a table")
         throttle_keys = [f.name for f in fields(AuthThrottleSettings)]
         for key, value in auth.items():
-            if key in ("max_failures", "account_max_failures", "max_entries"):
+            if key == "cache_ttl":
+                _expect("auth.cache_ttl", value, (int, float), "seconds (a number >= 0)")
+                if value < 0:
+                    raise ConfigError(f"auth.cache_ttl: expected seconds >= 0, got {value}")
+                config.auth_throttle.cache_ttl = float(value)
+                continue
+            if key in ("max_failures", "account_max_failures", "max_entries", "cache_size"):
                 setattr(config.auth_throttle, key, _positive_int(f"auth.{key}", value))
                 continue
             if key in throttle_keys:
@@ -561,6 +571,11 @@ def sample_config() -> str:
 # An account with this many failures is refused to addresses that have failed.
 # account_max_failures = 100
 # max_entries = 100000    # addresses (and accounts) remembered at most
+# Successful logins are remembered (as keyed hashes, never the password) for
+# cache_ttl seconds so repeated logins skip bcrypt; 0 turns this off. A
+# password change or disabling the account ends the entry at once.
+# cache_ttl = 300
+# cache_size = 10000
 
 [queue]
 # Outbound retries, in seconds: first retry, doubling up to retry_max; give up

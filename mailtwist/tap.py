@@ -271,7 +271,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     if reactor is None:
         from twisted.internet import reactor
     from mailtwist.filters.loader import build_chains
-    from mailtwist.auth import build_portal
+    from mailtwist.auth import VerifiedCache, build_portal
     from mailtwist.delivery import LocalDelivery
     from mailtwist.directory import FileDirectory
     from mailtwist.imap.server import IMAPFactory, register_imap
@@ -314,7 +314,9 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     chains.update(filters or {})
     top.tmp_cleanup = TmpCleanupService(store, reactor, io_pool)
     top.tmp_cleanup.setServiceParent(top)
-    portal, realm = build_portal(directory, reactor, auth_pool)
+    login_cache = VerifiedCache(reactor, config.auth_throttle.cache_ttl,
+                                config.auth_throttle.cache_size)
+    portal, realm = build_portal(directory, reactor, auth_pool, login_cache)
     # One brute-force throttle for every listener: SMTP AUTH, POP3 and IMAP.
     throttle = LoginThrottle.from_config(config, clock=reactor)
     quota = QuotaChecker(directory, store, reactor, io_pool)
