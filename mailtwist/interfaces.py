@@ -32,7 +32,11 @@ from typing import Any, Mapping, Union
 
 from zope.interface import Attribute, Interface
 
-STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "delivery")
+STAGES = ("connect", "helo", "auth", "mail", "rcpt", "data", "delivery", "outbound",
+          "mailbox")
+
+#: Stages whose first argument after the session is the message (editable headers).
+MESSAGE_STAGES = ("data", "delivery", "outbound")
 
 #: The IFilter method called at each stage.
 STAGE_METHODS = {
@@ -43,6 +47,8 @@ STAGE_METHODS = {
     "rcpt": "rcpt_to",
     "data": "data",
     "delivery": "delivery",
+    "outbound": "outbound",
+    "mailbox": "mailbox_event",
 }
 
 
@@ -201,6 +207,20 @@ class Discard:
     the message; delivery: this local copy)."""
 
 
+@dataclass(frozen=True)
+class Quarantine:
+    """Keep the message out of the mailboxes (data stage: the whole message;
+    delivery stage: this local copy): it is stored durably under
+    ``data_dir/quarantine/`` with its envelope and *reason*, the client gets
+    250, and ``mailtwist quarantine release ID`` delivers it later."""
+
+    reason: str = "quarantined by a filter"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or any(c in self.reason for c in "\r\n\0"):
+            raise ValueError("Quarantine: reason must be a string without CR, LF or NUL")
+
+
 def _check_reply(verdict: Reject | TempFail, base: int, prefix: str) -> None:
     if not (isinstance(verdict.code, int) and base <= verdict.code < base + 100):
         raise ValueError(f"{type(verdict).__name__}: code must be {base // 100}xx, "
@@ -213,8 +233,8 @@ def _check_reply(verdict: Reject | TempFail, base: int, prefix: str) -> None:
         raise ValueError("reply text must not contain CR, LF or NUL")
 
 
-Verdict = Union[Continue, Accept, Reject, TempFail, Discard]
-VERDICTS = (Continue, Accept, Reject, TempFail, Discard)
+Verdict = Union[Continue, Accept, Reject, TempFail, Discard, Quarantine]
+VERDICTS = (Continue, Accept, Reject, TempFail, Discard, Quarantine)
 CONTINUE = Continue()
 
 
@@ -273,6 +293,34 @@ class DeliveryTarget:
     address: str
 
 
+@dataclass(frozen=True)
+class MailboxEvent:
+    """Messages were copied, moved or appended between an account's folders by
+    IMAP (e.g. moved into Junk: a spam filter can learn from them).
+
+    *kind* is ``"copy"``, ``"move"`` or ``"append"``; *source* is None for
+    append.  *uids* are the messages' UIDs in *destination* (for copy and move
+    in the same order as *source_uids*).  :meth:`read_messages` reads them in
+    a thread (never on the reactor)."""
+
+    user: str
+    kind: str
+    source: str | None
+    destination: str
+    source_uids: tuple[int, ...] = ()
+    uids: tuple[int, ...] = ()
+    reader: Any = field(default=None, repr=False, compare=False)
+
+    def read_messages(self) -> Any:
+        """A Deferred firing with ``[(uid, message bytes), ...]`` of the copies in
+        *destination* (CRLF line ends; messages expunged meanwhile are left out)."""
+        from twisted.internet import defer
+
+        if self.reader is None:
+            return defer.succeed([])
+        return defer.maybeDeferred(self.reader, self.uids)
+
+
 # -- interfaces -----------------------------------------------------------------
 
 class IFilter(Interface):
@@ -301,6 +349,15 @@ class IFilter(Interface):
 
     def delivery(session: FilterSession, message: bytes, target: DeliveryTarget) -> Any:
         """One local copy of *message* is about to be written for *target*."""
+
+    def outbound(session: FilterSession, message: bytes, recipients: list[str]) -> Any:
+        """*message* is about to be spooled for the remote *recipients*; header
+        actions edit only that outbound copy (before DKIM signing).  Filters
+        written before this stage existed may lack the method (Continue)."""
+
+    def mailbox_event(event: MailboxEvent) -> Any:
+        """IMAP copied or moved messages (:class:`MailboxEvent`); a notification,
+        the verdict is ignored.  May be missing on older filters."""
 
 
 class IFilterFactory(Interface):

@@ -12,10 +12,19 @@ back what was stored.  :func:`run_message` does it all for one message::
         async def test_rejects(self):
             result = await run_message(self, [MyFilter()], b"Subject: hi\\r\\n\\r\\nbody\\r\\n")
             self.assertEqual((result.code, result.enhanced), (550, "5.7.1"))
+
+The newer stages work the same way: ``outbound=[...]`` enables filters for the
+outbound stage (send to a remote address with ``login=`` on the submission
+role; ``result.queued`` shows what would leave, the queue runner is held),
+``mailbox=[...]`` for IMAP mailbox events (:meth:`FilterTestServer.move` and
+:meth:`FilterTestServer.copy` run a real imaplib session and fire once the
+filters were told), and ``result.quarantined`` lists what a Quarantine
+verdict kept back.
 """
 
 from __future__ import annotations
 
+import imaplib
 import smtplib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +35,7 @@ from twisted.internet.threads import deferToThread
 
 from mailtwist.config import ROLES, load_config
 from mailtwist.filters.chain import DEFAULT_TIMEOUT, FilterChain
-from mailtwist.interfaces import IFilter, IFilterFactory
+from mailtwist.interfaces import IFilter, IFilterFactory, MailboxEvent
 
 DOMAIN = "example.test"
 PASSWORD = "test password"
@@ -41,6 +50,31 @@ class StoredMessage:
     content: bytes
 
 
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One outbound spool entry: what would leave for remote recipients (after
+    the outbound filters and DKIM signing)."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+
+
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    """One quarantine entry (:class:`mailtwist.quarantine.QuarantineEntry` is
+    *entry*) and the message kept."""
+
+    id: str
+    entry: Any
+    content: bytes
+
+    @property
+    def reason(self) -> str:
+        return self.entry.reason
+
+
 @dataclass
 class SendResult:
     """How the server answered: *stage* is where the exchange ended ("connect",
@@ -52,6 +86,8 @@ class SendResult:
     text: str
     rcpt_replies: list[tuple[int, str]] = field(default_factory=list)
     stored: dict[str, list[StoredMessage]] = field(default_factory=dict)
+    queued: list[QueuedMessage] = field(default_factory=list)
+    quarantined: list[QuarantinedMessage] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -78,23 +114,52 @@ def _filter_objects(filters: Iterable[object]) -> list[IFilter]:
     return result
 
 
+def _record_events(chain: FilterChain) -> FilterChain:
+    """Make *chain* remember the mailbox events it is told about (``events``)
+    and the notifications it started (``running``)."""
+    chain.events = []
+    chain.running = []
+    notify = chain.notify
+
+    def recording_notify(event: MailboxEvent) -> defer.Deferred:
+        chain.events.append(event)
+        d = notify(event)
+        chain.running.append(d)
+        return d
+
+    chain.notify = recording_notify
+    return chain
+
+
 class FilterTestServer:
     """The real service with *filters* (IFilter objects, or IFilterFactory objects
     built with default settings) on one SMTP *role*, for one trial test.
 
-    With ``filters=None`` the filters come from ``config["filters"]`` instead,
+    *outbound* and *mailbox* enable filters for the outbound stage and for
+    IMAP mailbox events (an IMAP listener is started too).  With
+    ``filters=None`` the filters come from ``config["filters"]`` instead,
     exactly as from a ``[filters]`` table of mailtwist.toml.  *config* holds
-    further mailtwist.toml keys.
+    further mailtwist.toml keys.  The queue runner is held: mail for remote
+    recipients stays in the spool (``SendResult.queued``).
     """
 
     def __init__(self, testcase, filters: Sequence[object] | None = (), role: str = "smtp",
                  accounts: Sequence[str] = ("alice", "bob"), timeout: float = DEFAULT_TIMEOUT,
-                 clock=None, config: Mapping[str, Any] | None = None) -> None:
+                 clock=None, config: Mapping[str, Any] | None = None,
+                 outbound: Sequence[object] | None = None,
+                 mailbox: Sequence[object] | None = None) -> None:
         self.testcase = testcase
         self.role = role
         self.accounts = [f"{a}@{DOMAIN}" if "@" not in a else a for a in accounts]
         self.chain = (None if filters is None else
                       FilterChain(_filter_objects(filters), timeout=timeout, clock=clock))
+        self.outbound_chain = (None if outbound is None else
+                               FilterChain(_filter_objects(outbound), timeout=timeout,
+                                           clock=clock))
+        self.mailbox_chain = (None if mailbox is None else
+                              FilterChain(_filter_objects(mailbox), timeout=timeout,
+                                          clock=clock))
+        self.with_imap = mailbox is not None or filters is None
         self.settings = dict(config or {})
         self.server = None
 
@@ -112,18 +177,28 @@ class FilterTestServer:
             "data_dir": str(self.data_dir), "hostname": "mx.example.test",
             "bcrypt_rounds": 4, "allow_plaintext_auth": True,
             "auth": {"failure_delay": 0},
-            "listen": {r: ["tcp:0:interface=127.0.0.1"] if r == self.role else "none"
+            "listen": {r: ["tcp:0:interface=127.0.0.1"]
+                       if r == self.role or (r == "imap" and self.with_imap) else "none"
                        for r in ROLES},
             **self.settings,
         }
         self.config = load_config(None, settings)
-        chains = {self.role: self.chain} if self.chain is not None else None
+        chains = {self.role: self.chain} if self.chain is not None else {}
+        if self.outbound_chain is not None:
+            chains["outbound"] = self.outbound_chain
+        if self.mailbox_chain is not None:
+            chains["mailbox"] = self.mailbox_chain
         self.server = build_service(self.config, reactor, filters=chains)
+        # the chain the IMAP listener tells (from config["filters"] with filters=None)
+        self.mailbox_chain = _record_events(self.server.filter_chains["mailbox"])
+        self.server.queue.disownServiceParent()  # held: remote mail stays in the spool
         for account in self.accounts:
             self.server.directory.add_account(account, PASSWORD)
         self.server.startService()
         self.testcase.addCleanup(self.server.stopService)
-        yield self.server.listeners[self.role][0].listening
+        for listeners in self.server.listeners.values():
+            for listener in listeners:
+                yield listener.listening
         return self
 
     @property
@@ -141,6 +216,8 @@ class FilterTestServer:
     def _send_and_read(self, *args) -> SendResult:
         result = self._send_blocking(*args)
         result.stored = {a: self.stored(a) for a in self.accounts}
+        result.queued = self.queued()
+        result.quarantined = self.quarantined()
         return result
 
     def _send_blocking(self, message: bytes, sender: str, recipients: list[str], helo: str,
@@ -174,6 +251,72 @@ class FilterTestServer:
             return SendResult("data", *_split_reply(e.smtp_code, e.smtp_error))
         finally:
             client.close()
+
+    def queued(self) -> list[QueuedMessage]:
+        """Every entry of the outbound spool (blocking: call from a thread)."""
+        spool = self.server.queue.spool
+        result = []
+        for entry_id in spool.ids():
+            envelope = spool.load(entry_id)
+            result.append(QueuedMessage(entry_id, envelope.sender,
+                                        tuple(r.address for r in envelope.recipients),
+                                        spool.read_message(entry_id)))
+        return result
+
+    def quarantined(self) -> list[QuarantinedMessage]:
+        """Every quarantine entry (blocking: call from a thread)."""
+        store = self.server.quarantine
+        return [QuarantinedMessage(i, store.load(i), store.read_message(i))
+                for i in store.ids()]
+
+    @property
+    def mailbox_events(self) -> list[MailboxEvent]:
+        """The mailbox events the ``mailbox`` filters were told about, in order."""
+        return list(self.mailbox_chain.events)
+
+    def move(self, account: str, source: str, destination: str, uids: str = "1:*"
+             ) -> defer.Deferred:
+        """UID MOVE *uids* of *account* from *source* to *destination* with imaplib
+        (creating *destination* if needed); fires with the tagged reply's text
+        once the mailbox filters have finished with the events."""
+        return self._imap(account, "MOVE", source, destination, uids)
+
+    def copy(self, account: str, source: str, destination: str, uids: str = "1:*"
+             ) -> defer.Deferred:
+        """Like :meth:`move`, with UID COPY."""
+        return self._imap(account, "COPY", source, destination, uids)
+
+    @defer.inlineCallbacks
+    def _imap(self, account: str, command: str, source: str, destination: str, uids: str):
+        if "imap" not in self.server.listeners:
+            raise RuntimeError("no IMAP listener: give FilterTestServer mailbox=[...]")
+        address = f"{account}@{DOMAIN}" if "@" not in account else account
+        text = yield deferToThread(self._imap_blocking, address, command, source,
+                                   destination, uids)
+        yield defer.DeferredList(list(self.mailbox_chain.running))
+        return text
+
+    def _imap_blocking(self, address: str, command: str, source: str, destination: str,
+                       uids: str) -> str:
+        client = imaplib.IMAP4("127.0.0.1", self.server.port_of("imap"))
+        try:
+            client.login(address, PASSWORD)
+            client.create(destination)  # NO when it exists: fine
+            status, _ = client.select(source)
+            if status != "OK":
+                raise RuntimeError(f"cannot select {source}")
+            # _simple_command returns the tagged reply's text (uid() would not)
+            status, data = client._simple_command("UID", command, uids,
+                                                  client._quote(destination))
+            if status != "OK":
+                raise RuntimeError(f"UID {command} failed: {data!r}")
+            client.logout()
+            return (data[-1] or b"").decode("utf-8", "replace") if data else ""
+        finally:
+            try:
+                client.shutdown()
+            except OSError:
+                pass
 
     def stored(self, account: str) -> list[StoredMessage]:
         """Every message in every folder of *account* (small test mailboxes only)."""

@@ -19,7 +19,8 @@ from mailtwist.filters import Filter, FilterFactory, apply_header_actions, heade
 from mailtwist.filters import chain as chain_module
 from mailtwist.filters.builtin import HeaderFolderFilter, header_folder
 from mailtwist.filters.chain import FilterChain
-from mailtwist.filters.loader import build_chains, format_listing, installed_factories
+from mailtwist.filters.loader import (build_chains, format_listing, installed_factories,
+                                     list_filters)
 from mailtwist.interfaces import (
     Accept,
     AddFlags,
@@ -487,6 +488,22 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(flt.action, FileInto("Spam"))
         self.assertEqual(chains["smtp"].timeout, 5)
         self.assertFalse(chains["submission"])
+
+    def test_outbound_and_mailbox_lists(self):
+        """[filters] outbound and mailbox build their own chains; one filter is built once."""
+        config = self.load("""
+            [filters]
+            smtp = ["header_folder"]
+            outbound = ["header_folder"]
+            mailbox = ["header_folder"]
+        """)
+        chains = build_chains(config, clock=task.Clock())
+        [outbound] = chains["outbound"].filters
+        [mailbox] = chains["mailbox"].filters
+        self.assertIs(outbound, chains["smtp"].filters[0])
+        self.assertIs(mailbox, outbound)
+        [listing] = [i for i in list_filters(config) if i.name == "header_folder"]
+        self.assertEqual(listing.roles, ("smtp", "outbound", "mailbox"))
 
     def test_unknown_key(self):
         self.assertOneLineError("[filters]\nsmpt = ['x']\n", "filters.smpt", "unknown key")

@@ -6,7 +6,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailtwist.filters import Filter, FilterFactory, header_values
-from mailtwist.interfaces import AddHeader, Continue, Reject
+from mailtwist.interfaces import AddHeader, Continue, Quarantine, Reject
 from mailtwist.testing import FilterTestServer, run_message
 
 
@@ -54,3 +54,65 @@ class PluginAuthorTests(unittest.TestCase):
                                    recipients=["bob@example.test"])
         self.assertEqual((first.code, second.code), (550, 250))
         self.assertEqual(len(second.stored["bob@example.test"]), 1)
+
+
+class OutboundTagger(Filter):
+    """A plugin author's outbound filter: tag what leaves."""
+
+    name = "outbound_tagger"
+
+    def outbound(self, session, message, recipients):
+        return Continue(AddHeader("X-Left-Via", "mailtwist"))
+
+
+class PillGuard(Filter):
+    """A plugin author's quarantine filter."""
+
+    name = "pill_guard"
+
+    def data(self, session, message):
+        return Quarantine("pills") if b"pills" in message else Continue()
+
+
+class NewStageTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_outbound_filter_and_queued_copy(self):
+        """outbound=[...] on submission: result.queued shows the edited outgoing copy."""
+        server = yield FilterTestServer(self, [], role="submission",
+                                        outbound=[OutboundTagger()]).start()
+        result = yield server.send(b"Subject: hi\r\n\r\nx\r\n", sender="alice@example.test",
+                                   recipients=["carol@remote.example"],
+                                   login="alice@example.test")
+        self.assertTrue(result.accepted)
+        [queued] = result.queued
+        self.assertEqual(queued.recipients, ("carol@remote.example",))
+        self.assertEqual(header_values(queued.content, "X-Left-Via"), ["mailtwist"])
+
+    @defer.inlineCallbacks
+    def test_quarantined_message(self):
+        """run_message reports a quarantined message in result.quarantined."""
+        result = yield run_message(self, [PillGuard()], b"Subject: pills\r\n\r\nx\r\n")
+        self.assertTrue(result.accepted)
+        self.assertEqual(result.stored["alice@example.test"], [])
+        [held] = result.quarantined
+        self.assertEqual((held.reason, held.entry.recipients),
+                         ("pills", ["alice@example.test"]))
+
+    @defer.inlineCallbacks
+    def test_mailbox_events_after_move(self):
+        """mailbox=[...] plus server.move(): the filter is told, and mailbox_events lists it."""
+        told = []
+
+        class Recorder(Filter):
+            name = "recorder"
+
+            def mailbox_event(self, event):
+                told.append(event)
+                return Continue()
+
+        server = yield FilterTestServer(self, [], mailbox=[Recorder()]).start()
+        yield server.send(b"Subject: spam\r\n\r\nx\r\n")
+        yield server.move("alice", "INBOX", "Junk")
+        self.assertEqual([(e.kind, e.source, e.destination) for e in told],
+                         [("move", "INBOX", "Junk")])
+        self.assertEqual(server.mailbox_events, told)

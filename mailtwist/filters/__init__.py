@@ -55,6 +55,12 @@ class Filter:
     def delivery(self, session, message, target):
         return CONTINUE
 
+    def outbound(self, session, message, recipients):
+        return CONTINUE
+
+    def mailbox_event(self, event):
+        return CONTINUE
+
 
 @implementer(IPlugin, IFilterFactory)
 class FilterFactory:

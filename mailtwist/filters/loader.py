@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from twisted.plugin import getPlugins
 from twisted.python.reflect import namedAny
 
-from mailtwist.config import SMTP_ROLES, Config, ConfigError
+from mailtwist.config import FILTER_CHAINS, Config, ConfigError
 from mailtwist.filters import FilterConfigError, accepts_context
 from mailtwist.filters.chain import FilterChain
 from mailtwist.interfaces import FilterContext, IFilter, IFilterFactory
@@ -72,12 +72,13 @@ def filter_context(config: Config, name: str, reactor=None, threadpool=None) -> 
 
 
 def build_chains(config: Config, clock=None, threadpool=None) -> dict[str, FilterChain]:
-    """A FilterChain per SMTP role (empty where nothing is enabled)."""
+    """A FilterChain per SMTP role, plus ``outbound`` and ``mailbox`` (empty
+    where nothing is enabled).  A filter enabled in several lists is built once."""
     settings = config.filters
     installed = installed_factories() if settings.enabled else {}
     built: dict[str, IFilter] = {}
     chains = {}
-    for role in SMTP_ROLES:
+    for role in FILTER_CHAINS:
         filters = []
         for name in settings.enabled.get(role, []):
             if name not in built:
@@ -106,7 +107,7 @@ def list_filters(config: Config) -> list[FilterListing]:
         names += [n for n in role_names if n not in names]
     result = []
     for name in names:
-        roles = tuple(r for r in SMTP_ROLES if name in config.filters.enabled.get(r, []))
+        roles = tuple(r for r in FILTER_CHAINS if name in config.filters.enabled.get(r, []))
         try:
             description = find_factory(name, installed).description
         except ConfigError as e:

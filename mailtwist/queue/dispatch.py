@@ -53,28 +53,45 @@ class Dispatcher:
         self.threadpool = threadpool
         self.signer = signer
         self.runner = None
+        #: the [filters] outbound chain; mail queued without a client (notices)
+        #: passes it in the queue runner, before each delivery attempt
+        self.outbound_filters = None
 
     def deliver(self, message: bytes, sender: str, mailboxes: Iterable[Mailbox],
                 remote: Iterable[Recipient] = (), *, ret: str | None = None,
                 envid: str | None = None, user: str | None = None, sign: bool = False,
-                queue_id: str | None = None) -> defer.Deferred:
+                queue_id: str | None = None,
+                outbound_message: bytes | None = None,
+                filter_later: bool = False) -> defer.Deferred:
         """Fire with the spool entry's Envelope (None if nothing went to the spool)
-        once everything is durable; fail with DeliveryError otherwise."""
+        once everything is durable; fail with DeliveryError otherwise.
+        *outbound_message* is the copy for the spool when the outbound filters
+        edited its headers (it is signed instead of *message*).  With
+        *filter_later* the spool entry is marked for the outbound filters of the
+        queue runner and signed only after them."""
         remote = _unique(remote)
         envelope = None
         if remote:
             now = self.reactor.seconds()
             envelope = Envelope(id=queue_id or new_id(), sender=sender, recipients=remote,
                                 created=now, next_attempt=now, ret=ret, envid=envid, user=user)
+            if filter_later:
+                envelope.extra["outbound_filters"] = "pending"
+                envelope.extra["sign"] = sign
+                sign = False
         d = deferToThreadPool(self.reactor, self.threadpool, self._deliver_blocking,
-                              message, sender, list(mailboxes), envelope, sign)
+                              message, sender, list(mailboxes), envelope, sign,
+                              outbound_message)
         d.addCallback(self._queued)
         return d
 
     def _deliver_blocking(self, message: bytes, sender: str, mailboxes: list[Mailbox],
-                          envelope: Envelope | None, sign: bool) -> Envelope | None:
+                          envelope: Envelope | None, sign: bool,
+                          outbound_message: bytes | None = None) -> Envelope | None:
         if envelope is not None:
-            spooled = self.signer(message) if sign and self.signer is not None else message
+            spooled = message if outbound_message is None else outbound_message
+            if sign and self.signer is not None:
+                spooled = self.signer(spooled)
             try:
                 self.spool.enqueue(spooled, envelope)
             except OSError as e:
@@ -118,7 +135,8 @@ class Dispatcher:
         if not mailboxes and not remote:
             log.warn("no mailbox for notice to {to}; dropped", to=to)
             return defer.succeed(None)
-        return self.deliver(report, "", mailboxes, remote, sign=True)
+        return self.deliver(report, "", mailboxes, remote, sign=True,
+                            filter_later=bool(remote and self.outbound_filters))
 
 
 def _unique(recipients: Iterable[Recipient]) -> list[Recipient]:

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailtwist import events
 from mailtwist.dsn import ReportItem, build_report
 from mailtwist.outbound.client import OutgoingMessage, Outcome
 from mailtwist.queue.dispatch import header_section, received_count
@@ -242,7 +243,9 @@ class QueueRunner(service.Service):
                           f"too many hops ({received_count(message)} Received headers): "
                           "mail loop")
             else:
-                await self._deliver(envelope, pending, message, now)
+                outgoing = await self._outbound_stage(envelope, pending, message, now)
+                if outgoing is not None:
+                    await self._deliver(envelope, pending, outgoing, now)
             envelope.attempts += 1
             await self._in_thread(self.spool.save, envelope)
         if not self.running:
@@ -285,9 +288,47 @@ class QueueRunner(service.Service):
                 _mark(r, outcome.status, now, outcome.code, outcome.enhanced, outcome.text,
                       outcome.remote_mta)
                 r.dsn_relayed = outcome.dsn_relayed
-                log.info("{id}: to=<{rcpt}> relay={relay} status={status} ({text})",
-                         id=envelope.id, rcpt=r.address, relay=outcome.remote_mta or "none",
-                         status=outcome.status, text=outcome.text)
+                events.delivery_attempt(
+                    queue_id=envelope.id, recipient=r.address, relay=outcome.remote_mta,
+                    status=outcome.status, code=outcome.code, enhanced=outcome.enhanced,
+                    text=outcome.text, attempt=envelope.attempts + 1, size=len(message))
+
+    async def _outbound_stage(self, envelope: Envelope, pending: list[Recipient],
+                              message: bytes, now: float) -> bytes | None:
+        """Mail queued without a client (notices) passes the ``[filters] outbound``
+        chain here, before each attempt: Reject fails the recipients (a bounce),
+        TempFail or a filter error defers them, Discard drops them silently.
+        Returns the copy to send (header edits applied, then DKIM-signed), or
+        None when nothing is to be sent this time."""
+        if envelope.extra.get("outbound_filters") != "pending":
+            return message
+        from mailtwist.interfaces import Discard, FilterSession, Reject, TempFail
+
+        chain = getattr(self.dispatcher, "outbound_filters", None)
+        if chain:
+            addresses = [r.address for r in pending]
+            session = FilterSession(role="queue", peer_host="", user=envelope.user,
+                                    sender=envelope.sender, recipients=list(addresses),
+                                    queue_id=envelope.id)
+            result = await chain.run("outbound", session, message, addresses)
+            verdict = result.verdict
+            if isinstance(verdict, (Reject, TempFail)):
+                status = FAILED if isinstance(verdict, Reject) else PENDING
+                for r in pending:
+                    _mark(r, status, now, verdict.code, verdict.enhanced,
+                          f"{verdict.text} (outbound filter {result.filter})")
+                return None
+            if isinstance(verdict, Discard):
+                for r in pending:
+                    _mark(r, DELIVERED, now, None, "2.0.0",
+                          f"discarded by outbound filter {result.filter}")
+                    r.reported = True
+                return None
+            message = result.message
+        signer = getattr(self.dispatcher, "signer", None)
+        if envelope.extra.get("sign") and signer is not None:
+            message = await self._in_thread(signer, message)
+        return message
 
     def _messages(self, envelope: Envelope, recipients: list[Recipient],
                   message: bytes) -> list[OutgoingMessage]:
