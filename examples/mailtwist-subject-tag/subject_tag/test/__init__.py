@@ -1,0 +1,1 @@
+"""Tests of the subject_tag filter."""
