@@ -22,7 +22,7 @@ from mailtwist.imap.server import (
     PREAUTH_TIMEOUT,
     IMAPServer,
 )
-from mailtwist.imap.wire import MAX_LINE
+from mailtwist.imap.wire import MAX_LINE, MAX_SKIP
 
 
 @implementer(ICredentialsChecker)
@@ -110,10 +110,15 @@ class ProtocolTests(unittest.TestCase):
         self.assertTrue(transport.value().endswith(b"* BYE Autologout; connection idle too long.\r\n"))
         self.assertTrue(transport.disconnecting)
 
-    def test_overlong_line_ends_the_session(self) -> None:
+    def test_overlong_line_is_refused_then_a_flood_ends_the_session(self) -> None:
+        """Guards item 11: an overlong command gets BAD and is skipped; a flood
+        without a line end past MAX_SKIP ends the session."""
         server, transport, _clock, _checker = make_server()
         lines(transport)
         server.dataReceived(b"a NOOP " + b"x" * (MAX_LINE + 10))
+        self.assertEqual(lines(transport), [b"a BAD Command line too long."])
+        self.assertFalse(transport.disconnecting)
+        server.dataReceived(b"x" * MAX_SKIP)
         self.assertEqual(lines(transport), [b"* BYE Command line too long."])
         self.assertTrue(transport.disconnecting)
 

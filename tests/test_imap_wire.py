@@ -25,6 +25,7 @@ from mailtwist.imap.wire import (
     Literal,
     LiteralTooBig,
     ParseError,
+    Rejected,
     String,
     format_date_time,
     format_sequence_set,
@@ -45,12 +46,58 @@ def events(framer: CommandFramer) -> list:
 
 class FramerTests(unittest.TestCase):
 
-    def test_lines_and_bare_lf(self) -> None:
+    def test_lines_end_in_crlf(self) -> None:
+        """Commands are split at CRLF, also across reads."""
         framer = CommandFramer()
-        framer.feed(b"a NOOP\r\nb CAPABILITY\nc LOG")
+        framer.feed(b"a NOOP\r\nb CAPABILITY\r\nc LOG")
         self.assertEqual(events(framer), [Command([b"a NOOP"]), Command([b"b CAPABILITY"])])
         framer.feed(b"OUT\r\n")
         self.assertEqual(events(framer), [Command([b"c LOGOUT"])])
+
+    def test_bare_cr_bare_lf_and_nul_are_refused(self) -> None:
+        """Guards issue 6 item 9 for IMAP: a command line with a bare LF ending, a
+        bare CR or a NUL is refused (BAD), never executed, and the next command
+        is read normally."""
+        reason = "Bare CR, bare LF or NUL in command line"
+        for bad in (b"a NOOP\n", b"a NOOP\rb LOGOUT\r\n", b"a NO\x00OP\r\n",
+                    b"a LOGIN u p\r\r\n", b'a LOGIN "u\rx" p\r\n'):
+            framer = CommandFramer()
+            framer.feed(bad + b"z NOOP\r\n")
+            self.assertEqual(events(framer), [Rejected(b"a", reason), Command([b"z NOOP"])], bad)
+        # In a later line of a command too; its announced LITERAL+ data is skipped.
+        framer = CommandFramer()
+        framer.feed(b"a LOGIN {1+}\r\nu {3+}\n\r\nx z NOOP\r\nb NOOP\r\n")
+        self.assertEqual(events(framer), [Rejected(b"a", reason), Command([b"b NOOP"])])
+        # A synchronising literal after a refused line is never asked for.
+        framer = CommandFramer()
+        framer.feed(b"a LOGIN {5}\n")
+        self.assertEqual(events(framer), [Rejected(b"a", reason)])
+        # Inside literals CR, LF and NUL are data.
+        framer = CommandFramer()
+        framer.feed(b"a APPEND INBOX {5+}\r\n\r\x00\n.\n\r\n")
+        self.assertEqual(events(framer)[0].parts[1], b"\r\x00\n.\n")
+
+    def test_absurd_literal_sizes_are_refused_without_continuation(self) -> None:
+        """Guards issue 6 item 11: literal announcements that are no 32-bit number
+        get BAD and never a "+" continuation; a non-synchronising one cannot be
+        skipped, so it ends the connection; 2^32-1 is a number, just too big."""
+        for size in (b"18446744073709551616", b"-1", b"99999999999999999999999", b"", b"1 ",
+                     b"0x10", b"4294967296"):
+            framer = CommandFramer()
+            framer.feed(b"a LOGIN {%s}\r\nb NOOP\r\n" % size)
+            self.assertEqual(events(framer), [Rejected(b"a", "Invalid literal size"),
+                                              Command([b"b NOOP"])], size)
+            framer = CommandFramer()
+            framer.feed(b"a LOGIN {%s+}\r\nb NOOP\r\n" % size)
+            self.assertEqual(events(framer), [Rejected(b"a", "Invalid literal size", True)], size)
+            framer.feed(b"c NOOP\r\n")
+            self.assertEqual(events(framer), [])
+        framer = CommandFramer()
+        framer.feed(b"a LOGIN {4294967295}\r\nt APPEND INBOX {4294967295}\r\nb NOOP\r\n")
+        first, second, third = events(framer)
+        self.assertEqual((first.tag, first.append, second.tag, second.append),
+                         (b"a", False, b"t", True))
+        self.assertEqual(third, Command([b"b NOOP"]))
 
     def test_synchronising_literal_asks_for_continuation(self) -> None:
         framer = CommandFramer()
@@ -121,12 +168,49 @@ class FramerTests(unittest.TestCase):
         self.assertEqual(events(framer), [Command([b"b NOOP"])])
 
     def test_overlong_line(self) -> None:
+        """Guards issue 6 item 11 for IMAP: command text over the limit is answered
+        BAD at once and skipped up to its line end without being buffered; the
+        next command is read normally."""
         framer = CommandFramer(max_line=50)
         framer.feed(b"a " + b"x" * 60)
-        self.assertEqual(events(framer), [LineTooLong()])
+        self.assertEqual(events(framer), [Rejected(b"a", "Command line too long")])
+        for _ in range(100):
+            framer.feed(b"x" * 1000)
+            self.assertEqual(events(framer), [])
+            self.assertLessEqual(len(framer), 1032)
+        framer.feed(b"x\r\nb NOOP\r\n")
+        self.assertEqual(events(framer), [Command([b"b NOOP"])])
         framer = CommandFramer(max_line=50)
-        framer.feed(b"a LOGIN {30}\r\n" + b"y" * 30 + b" " + b"z" * 30 + b"\r\n")
-        self.assertEqual(events(framer), [ContinuationNeeded(), LineTooLong()])
+        framer.feed(b"a LOGIN {30}\r\n" + b"y" * 30 + b" " + b"z" * 30 + b"\r\nb NOOP\r\n")
+        self.assertEqual(events(framer), [ContinuationNeeded(),
+                                          Rejected(b"a", "Command line too long"),
+                                          Command([b"b NOOP"])])
+
+    def test_flood_without_line_end_closes(self) -> None:
+        """Guards issue 6 item 11 for IMAP: past ``max_skip`` bytes without a line
+        end the framer gives up (LineTooLong, close) having held at most a few
+        bytes past the line limit, and reads nothing more."""
+        framer = CommandFramer(max_line=50, max_skip=10_000)
+        got = []
+        peak = 0
+        for _ in range(20):
+            framer.feed(b"x" * 1000)
+            got += events(framer)
+            peak = max(peak, len(framer))
+        self.assertEqual(got, [Rejected(None, "Command line too long"), LineTooLong()])
+        self.assertLessEqual(peak, 1052)
+        framer.feed(b"\r\na NOOP\r\n")
+        self.assertEqual(events(framer), [])
+
+    def test_discarding_stops_at_a_synchronising_literal(self) -> None:
+        """A refused command whose later line announces a synchronising literal
+        ends there: the client waits for "+" that never comes, so what it sends
+        next is a new command, not literal data to skip."""
+        framer = CommandFramer(max_line=100, append_limit=1000)
+        framer.feed(b"a APPEND INBOX {5000+}\r\n" + b"x" * 5000 + b" {5}\r\nb NOOP\r\n")
+        first, second = events(framer)
+        self.assertIsInstance(first, LiteralTooBig)
+        self.assertEqual(second, Command([b"b NOOP"]))
 
     def test_clear_drops_pipelined_input(self) -> None:
         framer = CommandFramer()

@@ -259,17 +259,28 @@ class CommandFloodTests(ServerMixin, unittest.TestCase):
             return bytes(received), not more
 
     @defer.inlineCallbacks
-    def test_smtp_five_megabytes_without_crlf(self):
-        """Guards item 11 for SMTP: 5 MB without a line end is skipped with the
+    def test_smtp_overlong_line_is_refused_and_the_session_goes_on(self):
+        """Guards item 11 for SMTP: a 100 KB command line is skipped with the
         framer's buffer never above the command limit, answered 500 5.5.2 once
         the line ends, and the session goes on."""
         peaks = self.record_peak("smtp", lambda s: s.framer.buffered)
-        data, closed = yield self.in_thread(self.flood, self.port("smtp"), 5 * 1024 * 1024,
+        data, closed = yield self.in_thread(self.flood, self.port("smtp"), 100 * 1024,
                                             b"\r\nEHLO c.test\r\n")
         self.assertFalse(closed)
         self.assertEqual([line[:9] for line in reply_lines(data)],
                          [b"220 mx.ex", b"500 5.5.2", b"250 SMTPU", b"250 2.0.0"])
         self.assertTrue(peaks)
+        self.assertLessEqual(max(peaks), self.config.smtp.max_command_line + 2)
+
+    @defer.inlineCallbacks
+    def test_smtp_five_megabytes_without_crlf(self):
+        """Guards item 11 for SMTP: megabytes without a line end end the session
+        with 421 after 1 MiB, the buffer bounded by the command limit throughout."""
+        peaks = self.record_peak("smtp", lambda s: s.framer.buffered)
+        data, closed = yield self.in_thread(self.flood, self.port("smtp"), 5 * 1024 * 1024,
+                                            b"\r\nEHLO c.test\r\n")
+        self.assertTrue(closed)  # the 421 itself is lost to the RST of unread input
+        self.assertNotIn(b"250 ", data)
         self.assertLessEqual(max(peaks), self.config.smtp.max_command_line + 2)
 
     @defer.inlineCallbacks

@@ -152,6 +152,20 @@ class CommandFramingTests(SynchronousTestCase):
         self.assertIsNone(framer.next_event())
         self.assertEqual(framer.buffered, 0)
 
+    def test_flood_without_line_end_is_reported_after_max_skip(self) -> None:
+        """Guards item 11: past max_skip bytes without a line end the framer says
+        flood (the server then closes with 421); a line end before resets it."""
+        framer = SMTPFramer(max_command_line=10, max_skip=100)
+        framer.receive_data(b"x" * 60)
+        self.assertIsNone(framer.next_event())
+        framer.receive_data(b"x" * 30 + b"\r\n")
+        self.assertEqual(framer.next_event(), CommandTooLong())
+        framer.receive_data(b"x" * 60)
+        self.assertIsNone(framer.next_event())
+        framer.receive_data(b"x" * 60)
+        self.assertEqual(framer.next_event(), CommandTooLong(flood=True))
+        self.assertEqual(framer.buffered, 0)
+
     def test_partial_line_waits_for_line_end(self) -> None:
         framer = SMTPFramer()
         framer.receive_data(b"NO")

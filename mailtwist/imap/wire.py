@@ -2,10 +2,10 @@
 
 :class:`CommandFramer` turns received bytes into events: a complete command
 (its text pieces with the literals between them), a request to send a
-continuation, a literal that is too big, a line that is too long.  It never
-buffers more than one command, and the size of one command is bounded before
-its bytes are read: the text of a command by ``max_line``, text plus literals
-by ``max_line`` too, except for APPEND, whose message literal may be
+continuation, a literal that is too big, a command refused, a flood.  It
+never buffers more than one command, and the size of one command is bounded
+before its bytes are read: the text of a command by ``max_line``, text plus
+literals by ``max_line`` too, except for APPEND, whose message literal may be
 ``append_limit`` octets.
 
 A synchronising literal (``{n}``) that is too big is refused before the client
@@ -14,7 +14,17 @@ reading anything more.  A non-synchronising literal (``{n+}``, RFC 7888) that
 is too big is already on its way: it is read and discarded in constant
 memory, together with the rest of that command, so the connection stays in
 step, and the command is answered NO/BAD. We never close the connection for
-it (RFC 7888 section 4 allows either).
+it (RFC 7888 section 4 allows either).  A literal size that is not a number
+up to 2^32-1 (``{-1}``, ``{18446744073709551616}``) is answered BAD without a
+continuation; if it was non-synchronising, the length of what follows is
+unknown and the connection is closed.
+
+Command lines must end in CRLF: a bare CR, bare LF or NUL in command text is
+answered BAD (RFC 3501 section 2.2 requires CRLF; an intermediary that splits
+lines differently must not be able to make us see another command).  Command
+text over ``max_line`` is answered BAD at once and skipped, in constant
+memory, up to its line end (Dovecot's "Too long argument"); after
+``max_skip`` bytes without a line end the connection is closed.
 
 :func:`tokenize` parses a command's arguments into atoms, strings and
 parenthesised lists; the helpers below interpret those tokens.  Twisted's
@@ -42,6 +52,7 @@ __all__ = [
     "Literal",
     "LiteralTooBig",
     "ParseError",
+    "Rejected",
     "String",
     "format_sequence_set",
     "parse_command",
@@ -49,12 +60,27 @@ __all__ = [
     "parse_sequence_set",
     "raw_arguments",
     "tokenize",
+    "valid_tag",
 ]
 
 MAX_LINE = 64 * 1024
 """Bytes of command text (and, except for APPEND, of literals too) per command."""
 
+MAX_SKIP = 1024 * 1024
+"""Bytes of one over-long line skipped (answered BAD) before the connection is closed."""
+
+MAX_LITERAL = 2**32 - 1
+"""The largest literal size that is a number at all (RFC 3501 ``number``)."""
+
 _LITERAL_MARK = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?$")
+_ANY_MARK = re.compile(rb"\{[^{}]*\}\r?$")
+_TAG = re.compile(rb"[\x21-\x7e]+")
+
+
+def valid_tag(tag: bytes) -> bool:
+    """True if *tag* is a syntactically valid IMAP tag (RFC 3501 ``tag``)."""
+    return bool(tag) and _TAG.fullmatch(tag) is not None and not any(
+        c in tag for c in b'+(){%*"\\')
 
 
 class ParseError(ValueError):
@@ -100,19 +126,46 @@ class LiteralTooBig:
 
 
 @dataclass
+class Rejected:
+    """The framer refused the command (answer ``BAD reason``); it is being dropped.
+
+    Bare CR, bare LF or NUL in a command line, command text over the limit, or
+    a literal size that is no number. With ``fatal`` the input cannot be
+    resynchronised (a non-synchronising literal of unknown length follows):
+    the connection must be closed after the answer.
+    """
+
+    tag: bytes | None
+    reason: str
+    fatal: bool = False
+
+
+@dataclass
 class LineTooLong:
-    """The command text exceeds the limit; the connection cannot be resynchronised."""
+    """More than ``max_skip`` bytes without a line end: close the connection."""
 
 
-Event = Command | ContinuationNeeded | LiteralTooBig | LineTooLong
+Event = Command | ContinuationNeeded | LiteralTooBig | Rejected | LineTooLong
 
 
 class CommandFramer:
-    """Splits a byte stream into IMAP commands (RFC 3501 section 2.2, RFC 7888)."""
+    """Splits a byte stream into IMAP commands (RFC 3501 section 2.2, RFC 7888).
 
-    def __init__(self, max_line: int = MAX_LINE, append_limit: int = 25 * 1024 * 1024) -> None:
+    Command lines must end in CRLF; a line with a bare CR, a bare LF or NUL
+    is refused (:class:`Rejected`) rather than guessed at, so that no proxy
+    or client in front of us can read a different command out of the same
+    bytes. A command whose text grows past ``max_line`` is refused at once
+    and the rest of it skipped in constant memory, like Dovecot does; if
+    ``max_skip`` bytes arrive without a line end the connection is hopeless
+    (:class:`LineTooLong`). Literals and the size checks are described in
+    the module docstring.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE, append_limit: int = 25 * 1024 * 1024,
+                 max_skip: int = MAX_SKIP) -> None:
         self.max_line = max_line
         self.append_limit = append_limit
+        self.max_skip = max_skip
         self._buffer = bytearray()
         self._parts: list[bytes] = []
         self._text = 0
@@ -120,10 +173,12 @@ class CommandFramer:
         self._literal_left = 0
         self._literal: bytearray | None = None
         self._discarding = False
-        self._too_long = False
+        self._skipped = 0
+        self._closed = False
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if not self._closed:
+            self._buffer += data
 
     def clear(self) -> None:
         """Forget all input not yet returned, and any half-read command (STARTTLS)."""
@@ -133,6 +188,11 @@ class CommandFramer:
     def __len__(self) -> int:
         return len(self._buffer)
 
+    @property
+    def held(self) -> int:
+        """Bytes held for the command being framed: unparsed input and a partial literal."""
+        return len(self._buffer) + (len(self._literal) if self._literal is not None else 0)
+
     def _reset(self) -> None:
         self._parts = []
         self._text = 0
@@ -140,10 +200,21 @@ class CommandFramer:
         self._literal_left = 0
         self._literal = None
         self._discarding = False
+        self._skipped = 0
 
     def _command_words(self) -> list[bytes]:
         first = self._parts[0] if self._parts else b""
         return first.split(None, 2)
+
+    def _tag(self, line: bytes | bytearray = b"") -> bytes | None:
+        """The current command's tag if it has a valid one (from *line* if it is the first)."""
+        first = self._parts[0] if self._parts else bytes(line[:256])
+        words = first.split(b" ", 1)
+        # Only a tag with a space after it within what is always read before a
+        # line counts as too long is complete, however the line arrived.
+        if len(words) < 2 or len(words[0]) > min(200, self.max_line) or not valid_tag(words[0]):
+            return None
+        return words[0]
 
     def _is_append(self) -> bool:
         words = self._command_words()
@@ -156,11 +227,41 @@ class CommandFramer:
             return min(self.append_limit, self.max_line + self.append_limit - self._literals), True
         return self.max_line - self._text - self._literals, False
 
+    def _reject(self, tag: bytes | None, reason: str, mark: re.Match[bytes] | None) -> Rejected:
+        """Refuse the command whose current line ends in *mark*; skip what remains of it.
+
+        A synchronising literal is never sent without our ``+``, so the
+        command ends here; a non-synchronising one is read and dropped.
+        """
+        self._reset()
+        if mark is not None and mark.group(2):
+            self._discarding = True
+            self._literal_left = int(mark.group(1))
+        return Rejected(tag, reason)
+
+    def _close(self) -> None:
+        """Out of step with the client for good: read nothing more."""
+        self._closed = True
+        self._buffer.clear()
+        self._reset()
+
+    def _end_skipped_line(self, line: bytes) -> None:
+        """A skipped line ended: skip its LITERAL+ data too, or the command ends.
+
+        A synchronising literal is never sent without our ``+``; a size of
+        no valid number is not counted either (the client waits, or the
+        connection is out of step anyway).
+        """
+        self._skipped = 0
+        mark = _LITERAL_MARK.search(line)
+        if mark is not None and mark.group(2) and int(mark.group(1)) <= MAX_LITERAL:
+            self._literal_left = int(mark.group(1))
+        else:
+            self._reset()
+
     def next_event(self) -> Event | None:
         """The next event, or None until more input arrives."""
-        if self._too_long:
-            return None
-        while True:
+        while not self._closed:
             if self._literal_left:
                 if not self._buffer:
                     return None
@@ -177,44 +278,66 @@ class CommandFramer:
                 continue
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > self.max_line + 2 and not self._discarding:
-                    self._too_long = True
-                    return LineTooLong()
-                if self._discarding and len(self._buffer) > 64:
-                    # Keep only what could still be the start of a {n} marker.
-                    del self._buffer[:-32]
+                if self._discarding:
+                    if len(self._buffer) > 64:
+                        # Keep only what could still be the start of a {n} marker.
+                        self._skipped += len(self._buffer) - 32
+                        del self._buffer[:-32]
+                    if self._skipped > self.max_skip:
+                        self._close()
+                        return LineTooLong()
+                    return None
+                if self._text + len(self._buffer) > self.max_line + 2:
+                    tag = self._tag(self._buffer)
+                    self._reset()
+                    self._discarding = True
+                    return Rejected(tag, "Command line too long")
                 return None
             line = bytes(self._buffer[:end])
             del self._buffer[:end + 1]
-            if line.endswith(b"\r"):
+            bare_lf = not line.endswith(b"\r")
+            if not bare_lf:
                 line = line[:-1]
+            if self._discarding:
+                self._end_skipped_line(line)
+                continue
+            if self._text + end > self.max_line + 2:
+                # What the check above catches when the line comes in smaller
+                # reads: answered the same, whatever the chunking.
+                tag = self._tag(line)
+                self._reset()
+                self._discarding = True
+                self._end_skipped_line(line)
+                return Rejected(tag, "Command line too long")
+            tag = self._tag(line)
             mark = _LITERAL_MARK.search(line)
-            if not self._discarding:
-                self._text += len(line)
-                if self._text + (0 if self._is_append() else self._literals) > self.max_line:
-                    self._too_long = True
-                    return LineTooLong()
+            if mark is not None and int(mark.group(1)) > MAX_LITERAL:
+                mark = None
+            if mark is None and _ANY_MARK.search(line):
+                # "{-1}", "{99999999999999999999999}", "{1 +}": no literal we
+                # can count, and a non-synchronising one cannot be skipped.
+                fatal = line.endswith(b"+}")
+                self._reset()
+                if fatal:
+                    self._close()
+                return Rejected(tag, "Invalid literal size", fatal)
+            if bare_lf or b"\r" in line or b"\0" in line:
+                return self._reject(tag, "Bare CR, bare LF or NUL in command line", mark)
+            self._text += len(line)
+            if self._text + (0 if self._is_append() else self._literals) > self.max_line:
+                return self._reject(tag, "Command line too long", mark)
             if mark is None:
-                if self._discarding:
-                    self._reset()
-                    continue
                 self._parts.append(line)
                 parts, self._parts = self._parts, []
                 self._reset()
                 return Command(parts)
             size = int(mark.group(1))
             synchronising = not mark.group(2)
-            if self._discarding:
-                self._literal_left = size
-                continue
             self._parts.append(line[:mark.start()])
             limit, append = self._literal_limit()
             if size > limit:
-                words = self._command_words()
-                tag = words[0] if words else None
-                if synchronising:
-                    self._reset()
-                else:
+                self._reset()
+                if not synchronising:
                     self._discarding = True
                     self._literal_left = size
                 return LiteralTooBig(tag, append, size, max(limit, 0))
@@ -226,6 +349,7 @@ class CommandFramer:
                 self._literal = None
             if synchronising:
                 return ContinuationNeeded()
+        return None
 
 
 # --- tokens --------------------------------------------------------------
@@ -322,9 +446,6 @@ def _quoted(data: bytes, i: int) -> tuple[bytes, int]:
     raise ParseError("unterminated quoted string")
 
 
-_TAG = re.compile(rb"[\x21-\x7e]+")
-
-
 def parse_command(parts: list[bytes]) -> tuple[bytes, bytes, list[bytes]]:
     """Split off the tag and the command name: (tag, NAME, remaining parts).
 
@@ -333,7 +454,7 @@ def parse_command(parts: list[bytes]) -> tuple[bytes, bytes, list[bytes]]:
     first = parts[0] if parts else b""
     words = first.split(b" ", 2)
     tag = words[0]
-    if not tag or not _TAG.fullmatch(tag) or b"+" in tag or any(c in tag for c in b'(){%*"\\'):
+    if not valid_tag(tag):
         raise BadCommand("missing or malformed tag", None)
     if len(words) < 2 or not words[1]:
         raise BadCommand("missing command", tag)

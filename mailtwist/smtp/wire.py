@@ -53,8 +53,12 @@ class CommandTooLong:
     """A command line over the limit was received and discarded.
 
     Emitted once the line's terminating LF has been seen, so that the reply
-    to it stays in step with the client's pipelined commands.
+    to it stays in step with the client's pipelined commands.  ``flood`` is
+    True instead when more than the framer's ``max_skip`` bytes came without a
+    line end: no client does that, so the server ends the session.
     """
+
+    flood: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,11 +117,14 @@ class SMTPFramer:
     """
 
     def __init__(
-        self, max_command_line: int = 2048, max_data_line: int = 65536
+        self, max_command_line: int = 2048, max_data_line: int = 65536,
+        max_skip: int = 1 << 20,
     ) -> None:
         if max_command_line < 1 or max_data_line < 1:
             raise ValueError("line limits must be positive")
         self._max_command_line = max_command_line
+        self._max_skip = max_skip
+        self._skipped = 0
         self._max_data_line = max_data_line
         self._buf = bytearray()
         self._in_data = False
@@ -179,10 +186,14 @@ class SMTPFramer:
         if self._skipping:
             newline = buf.find(b"\n")
             if newline < 0:
+                self._skipped += len(buf)
                 buf.clear()
+                if self._skipped > self._max_skip:
+                    return CommandTooLong(flood=True)
                 return None
             del buf[: newline + 1]
             self._skipping = False
+            self._skipped = 0
             return CommandTooLong()
         limit = self._max_command_line
         # A line of `limit` octets plus CR LF fits in limit + 2 bytes.
