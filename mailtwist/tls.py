@@ -1,9 +1,15 @@
-"""TLS: the self-signed certificate of the embedded default, and server contexts."""
+"""TLS: the self-signed certificate of the embedded default, and the server context.
+
+The policy (docs/security.md): TLS 1.2 and 1.3 only, Mozilla "intermediate"
+AEAD ciphers, server cipher order, no compression, no renegotiation. The
+context can be switched at run time (reload, certificate renewal).
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -12,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from mailtwist.config import ConfigError
 
@@ -73,8 +81,49 @@ def ensure_certificate(data_dir: str | os.PathLike, hostname: str) -> tuple[Path
     return cert_path, key_path, fingerprint(cert_path.read_bytes())
 
 
-def server_context_factory(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
-    """A TLS 1.2+ server context from PEM files; ConfigError names the bad file."""
+# Mozilla's "intermediate" TLS 1.2 suites (ECDHE key exchange, AEAD ciphers only;
+# its DHE suites are left out since no DH parameters are configured). TLS 1.3
+# suites are OpenSSL's defaults, all of them AEAD.
+SERVER_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file: a renewal changes at least one."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class TLSMaterial:
+    """A loaded and checked certificate and key, ready to serve."""
+
+    cert_path: Path
+    key_path: Path
+    context: SSL.Context
+    fingerprint: str
+    stamps: tuple[FileStamp | None, FileStamp | None]
+
+
+def load_server_tls(cert_path: Path, key_path: Path) -> TLSMaterial:
+    """Read, check and build the server context for *cert_path*/*key_path*:
+    TLS 1.2 minimum, :data:`SERVER_CIPHERS`, server cipher order, no compression,
+    no renegotiation, no session tickets. ConfigError names the bad file."""
+    stamps = (FileStamp.of(cert_path), FileStamp.of(key_path))
     try:
         cert_pem = cert_path.read_bytes()
     except OSError as e:
@@ -97,16 +146,59 @@ def server_context_factory(cert_path: Path, key_path: Path) -> ssl.CertificateOp
     except crypto.Error:
         raise ConfigError(f"tls.key: {key_path} is not a PEM private key") from None
     try:
-        return ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=key,
             certificate=certs[0],
             extraCertChain=certs[1:],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
         )
+        context = options.getContext()
     except (SSL.Error, ValueError) as e:
         raise ConfigError(
             f"tls: key {key_path} does not match certificate {cert_path} ({e})"
         ) from None
+    # CertificateOptions already sets OP_NO_COMPRESSION and OP_CIPHER_SERVER_PREFERENCE.
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    fp = certs[0].to_cryptography().fingerprint(hashes.SHA256()).hex(":").upper()
+    return TLSMaterial(cert_path, key_path, context, fp, stamps)
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerTLS:
+    """The TLS context every listener holds (implicit TLS and STARTTLS).
+
+    It serves one :class:`TLSMaterial` at a time; :meth:`switch` replaces it, so
+    a renewed certificate is used by the next handshake while connections
+    already encrypted keep the context they started with.
+    """
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self.material = material
+
+    @property
+    def fingerprint(self) -> str:
+        return self.material.fingerprint
+
+    def switch(self, material: TLSMaterial) -> None:
+        """Serve *material* from the next handshake on."""
+        self.material = material
+
+    def changed_on_disk(self) -> bool:
+        """Whether the certificate or key file differs from the one being served."""
+        m = self.material
+        return (FileStamp.of(m.cert_path), FileStamp.of(m.key_path)) != m.stamps
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 - IOpenSSLContextFactory
+        return self.material.context
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802,N803
+        return SSL.Connection(self.material.context, None)
+
+
+def server_context_factory(cert_path: Path, key_path: Path) -> ServerTLS:
+    """A switchable TLS 1.2+ server context from PEM files; ConfigError names the bad file."""
+    return ServerTLS(load_server_tls(cert_path, key_path))
 
 
 def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
