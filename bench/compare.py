@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=10000, help="most idle IMAP connections")
     parser.add_argument("--large", type=int, default=100000, help="messages in the large folder")
     parser.add_argument("--bcrypt-rounds", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="mailtwist's workers setting (default: the number of CPUs)")
     parser.add_argument("--dovecot-auth-cache", choices=("on", "off"), default="on")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mailtwist-bench-"))
     os.chmod(work, 0o755)  # Postfix and Dovecot run as other users
     print(f"work directory {work}; {os.cpu_count()} CPUs; {os.uname().release}")
-    mt = Mailtwist(work / "mailtwist", args.bcrypt_rounds)
+    mt = Mailtwist(work / "mailtwist", args.bcrypt_rounds, workers=args.workers)
     pf = Postfix(work / "postfix")
     dc = Dovecot(work / "dovecot", args.bcrypt_rounds, auth_cache=args.dovecot_auth_cache == "on")
     servers = [mt]

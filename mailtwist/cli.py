@@ -134,6 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--hostname", help="this server's host name (for the certificate)"
     )
+    _add_init_options(init)
 
     domain = commands.add_parser(
         "domain", help="add, delete or list local domains", parents=[common]
@@ -272,9 +273,60 @@ def _build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true",
         help="look the records up (with [outbound] dns_servers) and report each as"
         " ok, missing or wrong; exit status 1 unless all are ok")
+    _add_check_command(command(
+        commands, "check", _check, "audit this server: config, files, certificate, its"
+        " listeners (TLS, plaintext passwords, open relay) and each domain's DNS records"))
     command(commands, "filters", _filters,
             "list installed filters, the roles that enable them, and check their settings")
+    reload_command = command(
+        commands, "reload", _reload,
+        "make the running server re-read its config, certificate, filters and users")
+    reload_command.add_argument(
+        "--pid-file", metavar="FILE",
+        help="the server's pid file (default: DATA_DIR/mailtwist.pid, written by the"
+        " server at start; or the file given to twistd --pidfile)")
+    quarantine = commands.add_parser(
+        "quarantine", help="messages held back by filters", parents=[common]
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    command(quarantine, "list", _quarantine_list, "list quarantined messages and why")
+    command(quarantine, "show", _quarantine_show,
+            "show one message's envelope and headers").add_argument("id")
+    command(quarantine, "release", _quarantine_release,
+            "deliver messages to their original recipients, skipping the filters"
+            ).add_argument("ids", nargs="+", metavar="ID")
+    command(quarantine, "delete", _quarantine_delete,
+            "delete quarantined messages").add_argument("ids", nargs="+", metavar="ID")
     return parser
+
+
+def _reload(args: argparse.Namespace) -> None:
+    """Send SIGHUP to the running server; its log says "reloaded" or "reload refused"."""
+    import signal
+
+    from mailtwist.reload import pid_file
+
+    path = Path(args.pid_file) if args.pid_file else pid_file(_load_config(args))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CommandError(f"the server is not running: no pid file {path} (start it with:"
+                           " twistd mailtwist, or give --pid-file)") from None
+    try:
+        pid = int(text.strip())
+        if pid <= 1:
+            raise ValueError(pid)
+    except ValueError:
+        raise CommandError(f"{path}: not a process id: {text.strip()[:40]!r}") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CommandError(f"the server is not running: process {pid} from {path} "
+                           "is gone (stale pid file)") from None
+    except PermissionError:
+        raise CommandError(f"not allowed to signal process {pid}: run this as the "
+                           "server's user or root") from None
+    print(f"sent SIGHUP to mailtwist (pid {pid}); its log says \"reloaded configuration\""
+          " or \"reload refused: <reason>\"")
 
 
 def _filters(args: argparse.Namespace) -> None:
@@ -283,6 +335,85 @@ def _filters(args: argparse.Namespace) -> None:
     config = _load_config(args)
     sys.stdout.write(format_listing(config))
     build_chains(config)
+
+
+# -- quarantine ------------------------------------------------------------------
+
+
+def _quarantine(args: argparse.Namespace):
+    from mailtwist.quarantine import QuarantineStore
+
+    config = _load_config(args)
+    if not config.data_dir.is_dir():
+        raise CommandError(f"data directory '{config.data_dir}' does not exist")
+    return config, QuarantineStore(config.data_dir / "quarantine")
+
+
+def _quarantine_call(function: Callable[..., Any], *args: Any) -> Any:
+    from mailtwist.delivery import DeliveryError
+    from mailtwist.quarantine import QuarantineError
+
+    try:
+        return function(*args)
+    except (QuarantineError, DeliveryError) as e:
+        raise CommandError(str(e)) from None
+
+
+def _quarantine_list(args: argparse.Namespace) -> None:
+    _, store = _quarantine(args)
+    ids = store.ids()
+    for entry_id in ids:
+        try:
+            entry = store.load(entry_id)
+        except Exception as e:  # noqa: BLE001 - one bad entry must not hide the others
+            print(f"{entry_id}  unreadable: {e}")
+            continue
+        where = f"{entry.stage} stage, filter {entry.filter or '?'}"
+        print(f"{entry_id}  {_format_time(entry.created)}  <{entry.sender}>  ({where}):"
+              f" {entry.reason}")
+        for address in entry.recipients:
+            print(f"    <{address}>")
+    print(f"{len(ids)} message{'s' if len(ids) != 1 else ''} in quarantine")
+
+
+def _quarantine_show(args: argparse.Namespace) -> None:
+    from mailtwist.queue.dispatch import header_section
+
+    _, store = _quarantine(args)
+    entry = _quarantine_call(store.load, args.id)
+    message = _quarantine_call(store.read_message, args.id)
+    print(entry.to_json().decode().rstrip())
+    print()
+    print(header_section(message).decode("utf-8", "replace").replace("\r\n", "\n").rstrip())
+
+
+def _quarantine_release(args: argparse.Namespace) -> None:
+    from mailtwist.delivery import LocalDelivery
+    from mailtwist.queue.service import dkim_key_dir, spool_for
+    from mailtwist.storage.store import MailStore
+
+    config, store = _quarantine(args)
+    for entry_id in args.ids:  # all must exist before anything is delivered
+        _quarantine_call(store.load, entry_id)
+    local = LocalDelivery(MailStore(config.data_dir / "mail", config.hostname), None, None)
+    signer = None
+    if config.dkim.sign:
+        from mailtwist.dkim import DKIMSigner
+
+        signer = DKIMSigner(dkim_key_dir(config), _open_directory(config).is_local_domain)
+    spool = spool_for(config)
+    for entry_id in args.ids:
+        entry = _quarantine_call(store.release_blocking, entry_id, local, spool, signer)
+        queued = " (remote recipients queued; a running server sends them within" \
+                 " queue.scan_interval)" if entry.remote else ""
+        print(f"released {entry_id} to {', '.join(entry.recipients)}{queued}")
+
+
+def _quarantine_delete(args: argparse.Namespace) -> None:
+    _, store = _quarantine(args)
+    for entry_id in args.ids:
+        _quarantine_call(store.remove, entry_id)
+        print(f"deleted {entry_id}")
 
 
 def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -377,9 +508,39 @@ def _format_quota(quota_bytes: int) -> str:
 # -- init ------------------------------------------------------------------------
 
 
+def _add_init_options(init: argparse.ArgumentParser) -> None:
+    init.add_argument("--cert", metavar="FILE",
+                      help="an existing PEM certificate (chain) to use instead of a"
+                      " self-signed one; written into the new config's [tls]")
+    init.add_argument("--key", metavar="FILE", help="the private key of --cert")
+    init.add_argument("--no-dkim", action="store_true",
+                      help="make no DKIM key for --domain (later: mailtwist dkim keygen)")
+    init.add_argument("--admin", metavar="ADDRESS",
+                      help="create this first account (in --domain or another local domain)")
+    init.add_argument("--password-stdin", action="store_true",
+                      help="read the --admin password as one line from standard input")
+
+
 def _init(args: argparse.Namespace) -> None:
+    umask = os.umask(0o077)  # the data directory is private, all of it
+    try:
+        _init_steps(args)
+    finally:
+        os.umask(umask)
+
+
+def _init_steps(args: argparse.Namespace) -> None:
     domain = validate_domain(args.domain) if args.domain is not None else None
     config_path = Path(args.config or DEFAULT_CONFIG_FILE)
+    if (args.cert is None) != (args.key is None):
+        raise CommandError("--cert and --key go together")
+    if args.cert is not None:
+        from mailtwist.tls import server_context_factory
+
+        server_context_factory(Path(args.cert), Path(args.key))
+        if config_path.exists():
+            raise CommandError(f"{config_path} exists: set [tls] cert and key in it instead"
+                               " of --cert/--key")
     overrides: dict[str, Any] = {}
     if args.hostname is not None:
         overrides["hostname"] = args.hostname
@@ -408,9 +569,15 @@ def _init(args: argparse.Namespace) -> None:
         print(f"created {path}")
 
     from mailtwist.tls import ensure_certificate
+    from mailtwist.tls import fingerprint as cert_fingerprint
 
-    cert_path, key_path, fingerprint = ensure_certificate(data_dir, config.hostname)
-    print(f"TLS certificate {cert_path} (key {key_path})")
+    if config.tls_cert is None:
+        cert_path, key_path, fingerprint = ensure_certificate(data_dir, config.hostname)
+        print(f"TLS certificate {cert_path} (self-signed; key {key_path})")
+    else:
+        cert_path, key_path = config.cert_path, config.key_path
+        fingerprint = cert_fingerprint(cert_path.read_bytes())
+        print(f"TLS certificate {cert_path} (key {key_path})")
     print(f"  SHA-256 fingerprint {fingerprint}")
 
     if wrote_config:
@@ -424,16 +591,95 @@ def _init(args: argparse.Namespace) -> None:
         else:
             directory.add_domain(domain)
             print(f"added domain {domain}")
-    domains = directory.domains()
+    if domain is not None and not args.no_dkim:
+        _init_dkim(config, domain)
+    admin = _init_admin(args, directory) if args.admin else None
+    owner = data_dir.stat()
+    if owner.st_uid != 0:  # run as root on a user's data dir: what we made is theirs
+        from mailtwist.tap import hand_over
 
+        hand_over(config, (owner.st_uid, owner.st_gid))
+    _print_checklist(args, config, directory.domains(), admin)
+
+
+def _init_dkim(config: Config, domain: str) -> None:
+    """A DKIM key for the first domain, unless it has one."""
+    from mailtwist.dkim import default_selector, generate_key, public_records
+    from mailtwist.queue.service import dkim_key_dir
+
+    if public_records(dkim_key_dir(config), domain):
+        print(f"DKIM key for {domain} already exists")
+        return
+    path, _ = generate_key(dkim_key_dir(config), domain, default_selector("rsa"), "rsa")
+    print(f"created DKIM key {path}")
+
+
+def _init_admin(args: argparse.Namespace, directory: FileDirectory) -> str:
+    address = _local_address(directory, args.admin)
+    if directory.get_account(address) is not None:
+        print(f"account {address} already exists")
+        return address
+    account = directory.add_account(address, _read_password(args, address))
+    print(f"added account {account.address}")
+    return account.address
+
+
+def firewall_lines(ports: list[int]) -> tuple[list[str], list[str]]:
+    """(nftables lines, ufw lines) that open *ports* (TCP) to the world."""
+    if not ports:
+        return [], []
+    nft = [f"nft add rule inet filter input tcp dport {{ {', '.join(map(str, ports))} }} accept"]
+    ufw = [f"ufw allow {port}/tcp" for port in ports]
+    return nft, ufw
+
+
+def _print_checklist(args: argparse.Namespace, config: Config, domains: list[str],
+                     admin: str | None) -> None:
+    """What is left to do by hand: DNS records, firewall, the next commands."""
+    from mailtwist.dkim import public_records
+    from mailtwist.dnsrecords import (
+        configured_ports,
+        endpoint_port,
+        expected_records,
+        zone_text,
+    )
+    from mailtwist.queue.service import dkim_key_dir
+
+    ports = configured_ports(config)
+    web = [endpoint_port(d) for d in config.web.listen]
+    all_ports = sorted(set(ports.values()) | {p for p in web if p})
     config_option = "" if args.config is None else f" --config {args.config}"
     print()
-    print("Next steps:")
+    print("Checklist")
+    print()
+    print("1. Publish these DNS records (zone-file format; your provider's form takes the"
+          " same values):")
+    for domain in domains:
+        records = expected_records(config, domain, public_records(dkim_key_dir(config), domain),
+                                   ports)
+        for line in zone_text(config, domain, records).splitlines():
+            print(f"   {line}")
     if not domains:
-        print(f"  add your domain:   mailtwist{config_option} domain add example.org")
-    example = f"alice@{domains[0] if domains else 'example.org'}"
-    print(f"  add a user:        mailtwist{config_option} user add {example}")
-    print(f"  start the server:  twistd -n mailtwist{config_option}")
+        print("   (none yet: add a domain, then run: mailtwist dns DOMAIN)")
+    print()
+    print(f"2. Open these TCP ports in the firewall: {', '.join(map(str, all_ports))}")
+    nft, ufw = firewall_lines(all_ports)
+    print("   nftables:")
+    for line in nft:
+        print(f"     {line}")
+    print("   ufw:")
+    for line in ufw:
+        print(f"     {line}")
+    print()
+    print("3. Next commands:")
+    if not domains:
+        print(f"   add your domain:   mailtwist{config_option} domain add example.org")
+    if admin is None:
+        example = f"alice@{domains[0] if domains else 'example.org'}"
+        print(f"   add a user:        mailtwist{config_option} user add {example}")
+    print(f"   start the server:  twistd -n mailtwist{config_option}"
+          "   (as root add --uid mailtwist --gid mailtwist: it binds, then drops privileges)")
+    print(f"   audit it:          mailtwist{config_option} check")
 
 
 def _write_sample_config(path: Path, args: argparse.Namespace) -> None:
@@ -444,6 +690,9 @@ def _write_sample_config(path: Path, args: argparse.Namespace) -> None:
         text = _set_sample_key(text, "data_dir", value)
     if args.hostname is not None:
         text = _set_sample_key(text, "hostname", json.dumps(args.hostname))
+    if getattr(args, "cert", None) is not None:
+        text = _set_sample_key(text, "cert", json.dumps(str(Path(args.cert).resolve())))
+        text = _set_sample_key(text, "key", json.dumps(str(Path(args.key).resolve())))
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
 
@@ -941,6 +1190,41 @@ def _run_dns_check(config: Config, records: list) -> list:
         if e.code:
             raise CommandError("the DNS check failed") from None
     return results
+
+
+# -- check -----------------------------------------------------------------------
+
+
+def _add_check_command(check: argparse.ArgumentParser) -> None:
+    check.add_argument("--server", metavar="HOST",
+                       help="connect to HOST instead of the listeners' own addresses")
+    check.add_argument("--dns-server", action="append", metavar="HOST[:PORT]",
+                       help="DNS server to ask (repeatable; default: [outbound] dns_servers,"
+                       " else resolv.conf)")
+    check.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="per connection and lookup (default 10)")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mailtwist.check import Report, run_check
+    from mailtwist.outbound.mx import parse_nameserver
+
+    try:
+        config = _load_config(args)
+    except ConfigError as e:
+        report = Report()
+        report.section("Configuration").fail(f"the configuration does not load: {e}",
+                                             "correct the setting named above")
+        sys.stdout.write(report.format())
+        return 1
+    try:
+        servers = ([parse_nameserver(s) for s in args.dns_server] if args.dns_server
+                   else None)
+    except ValueError as e:
+        raise CommandError(f"--dns-server: {e}") from None
+    report = run_check(config, server=args.server, dns_servers=servers, timeout=args.timeout)
+    sys.stdout.write(report.format())
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ class AuthThrottleSettings:
 
 
 SMTP_ROLES = ("smtp", "submission", "submissions")
+#: The [filters] lists: one per SMTP role, plus the outbound stage (mail leaving
+#: for remote recipients) and IMAP mailbox events.
+FILTER_CHAINS = (*SMTP_ROLES, "outbound", "mailbox")
 
 
 @dataclass
@@ -146,6 +149,24 @@ class WebSettings:
     listen: list[str] = field(default_factory=list)
     autoconfig: bool = True
     metrics: bool = True
+
+
+@dataclass
+class LimitSettings:
+    """Connection caps and slow-client limits, under [limits] (mailtwist/limits.py).
+
+    Defaults follow Postfix (50 connections per client address, 500 bytes/s
+    minimum DATA rate) and Dovecot (10 IMAP sessions per account and address,
+    3 minutes to log in to IMAP); docs/security.md explains each.
+    """
+
+    max_connections: int = 5000
+    max_connections_per_ip: int = 50
+    max_sessions_per_user_ip: int = 10
+    trusted_networks: list[str] = field(default_factory=list)
+    min_data_rate: int = 500
+    imap_login_timeout: int = 180
+    imap_idle_timeout: int = 31 * 60
 
 
 @dataclass
@@ -163,6 +184,8 @@ class Config:
     postmaster: str | None = None
     pop3_idle_timeout: int = 600
     auth_failure_delay: float = 2.0
+    shutdown_timeout: float = 30.0
+    workers: int = 1
     auth_throttle: AuthThrottleSettings = field(default_factory=AuthThrottleSettings)
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     queue: QueueSettings = field(default_factory=QueueSettings)
@@ -170,6 +193,7 @@ class Config:
     dkim: DKIMSettings = field(default_factory=DKIMSettings)
     filters: FilterSettings = field(default_factory=FilterSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     source: Path | None = None
 
     @property
@@ -199,7 +223,12 @@ def _path(base: Path | None, key: str, value: Any) -> Path:
     _expect(key, value, str, "a file or directory path (string)")
     if not value:
         raise ConfigError(f"{key}: expected a path, got an empty string")
-    path = Path(value).expanduser()
+    if "\0" in value:
+        raise ConfigError(f"{key}: a path cannot contain NUL")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~user" of no such user
+        raise ConfigError(f"{key}: cannot expand {value.split('/')[0]!r}: no such user") from None
     if base is not None and not path.is_absolute():
         path = base / path
     return path
@@ -222,8 +251,9 @@ def _endpoints(key: str, value: Any) -> list[str]:
 
 _TOP_KEYS = {
     "data_dir", "hostname", "allow_plaintext_auth", "bcrypt_rounds",
-    "plus_separator", "postmaster", "listen", "tls", "smtp", "pop3", "auth",
-    "queue", "outbound", "dkim", "filters", "web",
+    "plus_separator", "postmaster", "shutdown_timeout", "workers", "listen", "tls", "smtp",
+    "pop3", "auth",
+    "queue", "outbound", "dkim", "filters", "web", "limits",
 }
 
 
@@ -263,6 +293,13 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
             except DirectoryError as e:
                 raise ConfigError(f"postmaster: {e}") from None
         config.postmaster = pm or None
+    if "workers" in raw:
+        config.workers = _positive_int("workers", raw["workers"])
+        if config.workers > 64:
+            raise ConfigError(f"workers: expected at most 64 processes, got {config.workers}")
+    if "shutdown_timeout" in raw:
+        config.shutdown_timeout = _seconds("shutdown_timeout", raw["shutdown_timeout"],
+                                           allow_zero=True)
     if "listen" in raw:
         listen = _expect("listen", raw["listen"], dict, "a table of role = endpoints")
         for role, value in listen.items():
@@ -321,6 +358,33 @@ def _apply(config: Config, raw: Mapping[str, Any], base: Path | None) -> None:
         _apply_filters(config.filters, raw["filters"])
     if "web" in raw:
         _apply_web(config.web, raw["web"])
+    if "limits" in raw:
+        _apply_limits(config.limits, raw["limits"])
+
+
+def _apply_limits(settings: LimitSettings, raw: Any) -> None:
+    """[limits]: positive integers, trusted_networks a list of CIDR strings;
+    the IMAP timeouts may not go below what RFC 3501 5.4 and clients need."""
+    from mailtwist.limits import parse_networks
+
+    table = _table(settings, "limits", raw)
+    for key, value in table.items():
+        name = f"limits.{key}"
+        if key == "trusted_networks":
+            _expect(name, value, list, 'a list of networks such as ["192.0.2.0/24"]')
+            for item in value:
+                _expect(name, item, str, 'network strings such as "192.0.2.0/24"')
+            try:
+                parse_networks(value)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+            settings.trusted_networks = list(value)
+            continue
+        value = _positive_int(name, value)
+        if key == "imap_idle_timeout" and value < 30 * 60:
+            raise ConfigError(f"{name}: expected at least 1800 seconds (RFC 3501 5.4: "
+                              f"30 minutes), got {value}")
+        setattr(settings, key, value)
 
 
 def _apply_web(settings: WebSettings, raw: Any) -> None:
@@ -342,7 +406,7 @@ def _apply_filters(settings: FilterSettings, raw: Any) -> None:
         name = f"filters.{key}"
         if key == "timeout":
             settings.timeout = _seconds(name, value)
-        elif key in SMTP_ROLES:
+        elif key in FILTER_CHAINS:
             _expect(name, value, list, "a list of filter names")
             for item in value:
                 if not isinstance(item, str) or not item.strip():
@@ -354,7 +418,7 @@ def _apply_filters(settings: FilterSettings, raw: Any) -> None:
             settings.settings[key] = dict(value)
         else:
             raise ConfigError(f"{name}: unknown key; allowed: timeout, "
-                              f"{', '.join(SMTP_ROLES)}, or a [filters.NAME] settings table")
+                              f"{', '.join(FILTER_CHAINS)}, or a [filters.NAME] settings table")
     enabled = {n for names in settings.enabled.values() for n in names}
     for key in settings.settings:
         if key not in enabled:
@@ -536,6 +600,14 @@ def sample_config() -> str:
 # (default: the first account in the users file).
 # postmaster = "admin@example.org"
 
+# Processes serving the same listening sockets; the number of cores uses them
+# all (docs/performance.md).
+# workers = 1
+
+# On stop, SMTP transactions in flight get this many seconds to finish;
+# every other session is closed at once (docs/operations.md).
+# shutdown_timeout = 30
+
 [listen]
 # Twisted endpoint strings, a string or a list; "none" disables a role.
 # As root the standard ports are used; otherwise each port plus {UNPRIVILEGED_OFFSET}.
@@ -609,6 +681,8 @@ def sample_config() -> str:
 # `mailtwist filters` lists the installed ones.
 # timeout = 30            # seconds per hook; a timeout answers 451 4.7.1
 # smtp = ["header_folder"]
+# outbound = []           # before mail leaves for remote recipients
+# mailbox = []            # told when IMAP copies/moves messages (e.g. into Junk)
 # [filters.header_folder]
 # header = "X-Spam-Flag"
 # folder = "Junk"
@@ -619,6 +693,18 @@ def sample_config() -> str:
 # listen = "tcp:8080"     # "ssl:443" uses the certificate from [tls]
 # autoconfig = true       # Thunderbird autoconfig, Outlook autodiscover, MTA-STS
 # metrics = true          # /metrics
+
+[limits]
+# Connection caps (a connection over one is answered 421 / * BYE / -ERR at once)
+# and slow-client limits; docs/security.md.
+# max_connections = 5000          # all listeners together (also kept below the
+#                                 # process's open-file limit)
+# max_connections_per_ip = 50     # per client address (IPv6: per /64), per protocol
+# max_sessions_per_user_ip = 10   # IMAP sessions of one account from one address
+# trusted_networks = []           # exempt from the per-address caps, e.g. ["10.0.0.0/8"]
+# min_data_rate = 500             # bytes/s a DATA or literal transfer must keep up
+# imap_login_timeout = 180        # idle seconds before IMAP login
+# imap_idle_timeout = 1860        # idle seconds after IMAP login (at least 1800)
 
 [dkim]
 # Sign mail from local domains with the keys `mailtwist dkim keygen DOMAIN` makes.

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
+import os
 import re
 from io import BytesIO
 from typing import Any, Callable, Sequence
@@ -54,6 +56,8 @@ IN_USE = b"[IN-USE] Mailbox is locked by another POP3 session."
 TEMP_FAILURE = b"[SYS/TEMP] Internal error, try again later."
 THROTTLED = b"[SYS/TEMP] Too many failed logins, try again later."
 NO_SUCH_MESSAGE = b"no such message"
+_BAD_LINE = object()
+"""next_command's result for a line with a bare CR, bare LF or NUL."""
 
 
 class MailboxInUse(Exception):
@@ -67,13 +71,16 @@ class LineTooLong(Exception):
 class LineBuffer:
     """Splits received bytes into command lines (sans-IO).
 
-    Lines end with CRLF; a bare LF is accepted too. :meth:`clear` drops all
-    input not yet returned, which is how STLS discards pipelined plaintext.
+    Lines end with CRLF; a bare LF ends a line too, and :attr:`bare_line_end`
+    says so, for the session to refuse it. :meth:`clear` drops all input not
+    yet returned, which is how STLS discards pipelined plaintext.
     """
 
     def __init__(self, max_length: int = MAX_LINE) -> None:
         self.max_length = max_length
         self._data = b""
+        self.bare_line_end = False
+        """Whether the last line returned ended in a bare LF (no CR before it)."""
 
     def feed(self, data: bytes) -> None:
         self._data += data
@@ -89,7 +96,8 @@ class LineBuffer:
                 raise LineTooLong()
             return None
         line, self._data = self._data[:end], self._data[end + 1:]
-        if line.endswith(b"\r"):
+        self.bare_line_end = not line.endswith(b"\r")
+        if not self.bare_line_end:
             line = line[:-1]
         if len(line) > self.max_length:
             raise LineTooLong()
@@ -152,20 +160,41 @@ def parse_number(argument: bytes) -> int | None:
 
 
 class MailboxLocks:
-    """Which mailboxes have a POP3 session now: one session per mailbox."""
+    """Which mailboxes have a POP3 session now: one session per mailbox.
+
+    A key is the Maildir's path.  Besides this process's own record, the lock
+    is an ``flock`` on ``mailtwist-pop3.lock`` in the Maildir, so the worker
+    processes of ``workers = N`` (and a second server on the same data) exclude
+    each other too; the kernel drops it if the process dies.
+    """
+
+    LOCK_FILE = "mailtwist-pop3.lock"
 
     def __init__(self) -> None:
-        self._held: set[str] = set()
+        self._held: dict[str, int | None] = {}
 
     def acquire(self, key: str) -> bool:
-        """Take *key*; False if another session holds it."""
+        """Take *key*; False if another session (here or in another process) holds it."""
         if key in self._held:
             return False
-        self._held.add(key)
+        try:
+            fd = os.open(os.path.join(key, self.LOCK_FILE),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:
+            fd = None  # no Maildir yet: nothing to share, this process's record suffices
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+        self._held[key] = fd
         return True
 
     def release(self, key: str) -> None:
-        self._held.discard(key)
+        fd = self._held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
     def __contains__(self, key: object) -> bool:
         return key in self._held
@@ -381,15 +410,23 @@ class POP3Server(SerialCommands, POP3):
         self.lines.feed(data)
         self.run_commands()
 
-    def next_command(self) -> bytes | None:
+    def next_command(self) -> bytes | object | None:
         try:
-            return self.lines.next_line()
+            line = self.lines.next_line()
         except LineTooLong:
             self.failResponse(b"Line too long.")
             self.transport.loseConnection()
             return None
+        if line is not None and (self.lines.bare_line_end or b"\r" in line or b"\0" in line):
+            return _BAD_LINE
+        return line
 
-    def handle_command(self, command: bytes) -> defer.Deferred | None:
+    def handle_command(self, command: bytes | object) -> defer.Deferred | None:
+        if command is _BAD_LINE:
+            # RFC 1939 requires CRLF; a line a proxy might split differently is refused.
+            self._sasl_pending = False
+            return self._protocol_error(b"Bare CR, bare LF or NUL in command; lines must end"
+                                        b" with CRLF.")
         return self.lineReceived(command)
 
     def buffered_input(self) -> int:
@@ -439,6 +476,13 @@ class POP3Server(SerialCommands, POP3):
 
     def timeoutConnection(self) -> None:
         self.failResponse(b"Disconnected for inactivity.")
+        self.transport.loseConnection()
+
+    def shutdown_notice(self) -> None:
+        """The server is stopping (mailtwist/shutdown.py): -ERR and close."""
+        if self._disconnected or self.transport is None:
+            return
+        self.failResponse(b"Server shutting down")
         self.transport.loseConnection()
 
     # AUTHORIZATION state

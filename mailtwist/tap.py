@@ -37,6 +37,8 @@ class Options(usage.Options):
         ["config", "c", None, "TOML config file (default: ./mailtwist.toml when present)"],
         ["data-dir", "d", None, "data directory (default: ./mailtwist-data)"],
         ["hostname", None, None, "host name for greetings and Received headers"],
+        ["workers", None, None, "processes serving the listeners (default 1; the cores "
+                                "to use them all)"],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "allow passwords over connections without TLS"],
@@ -74,6 +76,12 @@ class Options(usage.Options):
             result["hostname"] = self["hostname"]
         if self["allow-plaintext-auth"]:
             result["allow_plaintext_auth"] = True
+        if self["workers"] is not None:
+            try:
+                result["workers"] = int(self["workers"])
+            except ValueError:
+                raise usage.UsageError(f"--workers: expected a number, got "
+                                       f"{self['workers']!r}") from None
         if self.listen:
             result["listen"] = dict(self.listen)
         if self.web:
@@ -197,9 +205,52 @@ class MailService(service.MultiService):
     """The whole server: every listener plus the pools and stores behind them."""
 
     def __init__(self, config: Config) -> None:
+        from mailtwist.shutdown import SessionTracker
+
         super().__init__()
         self.config = config
         self.listeners: dict[str, list[ListenerService]] = {}
+        # Reload and graceful shutdown (mailtwist/reload.py, mailtwist/shutdown.py).
+        self.config_overrides: dict[str, Any] = {}
+        self.session_factories: list[tuple[str, Any]] = []
+        self.sessions = SessionTracker()
+        self.shutdown_clock: Any = None
+        self.reloader: Any = None
+        self._stopping: defer.Deferred | None = None
+
+    def reload(self) -> bool:
+        """Re-read the config, certificate, filters and directory (SIGHUP,
+        ``mailtwist reload``); False when the new config was refused."""
+        return self.reloader.reload()
+
+    def startService(self) -> None:
+        self._stopping = None
+        super().startService()
+
+    def stopService(self) -> defer.Deferred | None:
+        """Graceful: stop listening and starting outbound deliveries; let SMTP
+        transactions in flight finish within ``shutdown_timeout``, close every
+        other session with a goodbye; then stop the pools and the rest."""
+        if self._stopping is not None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._stopping.addBoth(lambda result: (waiter.callback(None), result)[1])
+            return waiter
+        if not self.running:
+            return None
+        first = [defer.maybeDeferred(listener.stopService)
+                 for listeners in self.listeners.values() for listener in listeners]
+        queue = getattr(self, "queue", None)
+        if queue is not None:
+            first.append(defer.maybeDeferred(queue.stopService))
+        clock = self.shutdown_clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        d = defer.DeferredList(first, consumeErrors=True)
+        d.addCallback(lambda _: self.sessions.drain(self.config.shutdown_timeout, clock))
+        d.addErrback(lambda f: log.failure("graceful shutdown failed", f))
+        d.addBoth(lambda _: service.MultiService.stopService(self))
+        self._stopping = d
+        return d
 
     def port_of(self, role: str, index: int = 0) -> int:
         return self.listeners[role][index].port.getHost().port
@@ -262,11 +313,17 @@ def _demo_account(config: Config, directory) -> None:
              domain=domain, path=path)
 
 
-def build_service(config: Config, reactor=None, filters: dict | None = None) -> MailService:
+def build_service(config: Config, reactor=None, filters: dict | None = None,
+                  worker: dict | None = None, queue_notifier: Any = None) -> MailService:
     """Build the service tree for *config*; ConfigError for anything unusable.
 
     *filters* maps SMTP roles to ready FilterChains (mailtwist.testing passes
     filter objects this way); by default they are built from ``[filters]``.
+    *worker* is given in the worker processes of ``workers = N``
+    (mailtwist/workers.py): {(role, index): (fd, family)} of the listening
+    sockets inherited from the main process, which alone runs the queue, the
+    tmp/ cleanup and the web listener; *queue_notifier* then stands in for the
+    queue runner.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -275,15 +332,19 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     from mailtwist.delivery import LocalDelivery
     from mailtwist.directory import FileDirectory
     from mailtwist.imap.server import IMAPFactory, register_imap
+    from mailtwist.limits import ConnectionLimiter, LimitedFactory, ensure_fd_limit
     from mailtwist.metrics import Metrics
     from mailtwist.pop3 import POP3Factory, register_pop3
+    from mailtwist.quarantine import QuarantineStore
     from mailtwist.queue.service import build_outbound
     from mailtwist.quota import QuotaChecker
+    from mailtwist.reload import Reloader, ReloadService
     from mailtwist.smtp.policy import SMTPPolicy, register_smtp
     from mailtwist.smtp.server import SMTPFactory
     from mailtwist.storage.store import MailStore
     from mailtwist.throttle import LoginThrottle
     from mailtwist.tls import ensure_certificate, server_context_factory
+    from mailtwist.workers import AdoptedEndpoint
 
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -298,6 +359,9 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
         log.info("TLS certificate {cert} (self-signed) SHA-256 fingerprint {fp}",
                  cert=cert, fp=fp)
     tls_context = server_context_factory(config.cert_path, config.key_path)
+    if config.tls_cert is not None:
+        log.info("TLS certificate {cert} SHA-256 fingerprint {fp}", cert=config.cert_path,
+                 fp=tls_context.fingerprint)
 
     directory = FileDirectory(config.data_dir, plus_separator=config.plus_separator,
                               postmaster=config.postmaster)
@@ -306,14 +370,17 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
     store = MailStore(config.data_dir / "mail", config.hostname)
 
     top = MailService(config)
+    top.tls, top.shutdown_clock, top.fixed_filters = tls_context, reactor, dict(filters or {})
     auth_pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="bcrypt")
     io_pool = ThreadPool(minthreads=0, maxthreads=8, name="mail-io")
     ThreadPoolService(auth_pool).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
+    top.io_pool = io_pool
     chains = build_chains(config, clock=reactor, threadpool=io_pool)
     chains.update(filters or {})
-    top.tmp_cleanup = TmpCleanupService(store, reactor, io_pool)
-    top.tmp_cleanup.setServiceParent(top)
+    if worker is None:
+        top.tmp_cleanup = TmpCleanupService(store, reactor, io_pool)
+        top.tmp_cleanup.setServiceParent(top)
     login_cache = VerifiedCache(reactor, config.auth_throttle.cache_ttl,
                                 config.auth_throttle.cache_size)
     portal, realm = build_portal(directory, reactor, auth_pool, login_cache)
@@ -328,41 +395,72 @@ def build_service(config: Config, reactor=None, filters: dict | None = None) -> 
                                               io_pool)
     metrics.watch_queue(lambda: len(queue_runner.spool.ids()))
     top.metrics = metrics
-    queue_runner.setServiceParent(top)
-    top.dispatcher, top.queue = dispatcher, queue_runner
+    if worker is None:
+        queue_runner.setServiceParent(top)
+        top.queue = queue_runner
+    else:
+        dispatcher.runner = queue_notifier
+        top.queue = None
+    top.dispatcher = dispatcher
+    dispatcher.outbound_filters = chains.get("outbound")
     register_smtp(realm, directory, dispatcher)
     register_pop3(realm, store, reactor, io_pool)
     register_imap(realm, store, reactor, io_pool, directory=directory)
     top.directory, top.store, top.delivery, top.portal = directory, store, delivery, portal
     top.throttle = throttle
+    top.quarantine = QuarantineStore(config.data_dir / "quarantine", reactor, io_pool)
+    top.filter_chains = chains
+
+    # Connection caps of every listener (docs/security.md); the total stays
+    # below what the open-file limit allows, so a flood is answered, not EMFILE.
+    limiter = ConnectionLimiter.from_config(config)
+    limiter.max_connections = ensure_fd_limit(config.limits.max_connections)
+    if limiter.max_connections < config.limits.max_connections:
+        log.warn("limits.max_connections lowered to {n}: the open-file limit allows no more",
+                 n=limiter.max_connections)
+    top.limiter = limiter
 
     for role in ROLES:
-        for description in config.listen.get(role, []):
+        for index, description in enumerate(config.listen.get(role, [])):
             endpoint, wrap = _endpoint(reactor, role, description, tls_context)
+            if worker is not None:
+                if (role, index) not in worker:
+                    continue
+                endpoint = AdoptedEndpoint(reactor, *worker[role, index])
             implicit = role in IMPLICIT_TLS_ROLES
             if role in ("smtp", "submission", "submissions"):
                 factory = SMTPFactory(config, SMTPPolicy(role, directory),
                                       metrics.count_received(dispatcher, role), portal,
                                       tls_context, implicit_tls=implicit, reactor=reactor,
                                       filters=chains[role], throttle=throttle,
-                                      quota=quota)
+                                      quota=quota, outbound_filters=chains.get("outbound"),
+                                      quarantine=top.quarantine)
             elif role in ("pop3", "pop3s"):
                 factory = POP3Factory(portal, config, tls_context, implicit_tls=implicit,
                                       reactor=reactor, threadpool=io_pool, throttle=throttle)
             else:
                 factory = IMAPFactory(portal, config, tls_context, implicit_tls=implicit,
                                       reactor=reactor, threadpool=io_pool, store=store,
-                                      throttle=throttle)
+                                      throttle=throttle,
+                                      mailbox_filters=chains.get("mailbox"))
             factory.noisy = False
+            factory.limiter = limiter
+            top.session_factories.append((role, factory))
+            factory = top.sessions.track(factory)
             factory = metrics.count_connections(factory, role)
+            factory = LimitedFactory(factory, limiter, role, config.hostname)
             if wrap:
                 factory = TLSMemoryBIOFactory(tls_context, False, factory)
                 factory.noisy = False
             listener = ListenerService(role, description, endpoint, factory, reactor)
             listener.setServiceParent(top)
             top.listeners.setdefault(role, []).append(listener)
-    if config.web.listen:
+    if config.web.listen and worker is None:
         _add_web_listeners(top, config, directory, metrics, tls_context, reactor, io_pool)
+    top.reloader = Reloader(top, reactor=reactor)
+    top.reload_service = ReloadService(top.reloader, tls_context)
+    top.reload_service.write_pid = worker is None
+    top.reload_service.setServiceParent(top)
     return top
 
 
@@ -384,14 +482,61 @@ def _add_web_listeners(top: MailService, config: Config, directory, metrics, tls
         top.listeners.setdefault("web", []).append(listener)
 
 
+def _twistd_owner(options: Options) -> tuple[int, int] | None:
+    """The (uid, gid) twistd switches to after binding (``--uid``/``--gid``), or None."""
+    parent = getattr(options, "parent", None)
+    uid = parent.get("uid") if parent is not None else None
+    gid = parent.get("gid") if parent is not None else None
+    if uid is None and gid is None:
+        return None
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+    return (os.getuid() if uid is None else uid), gid
+
+
+def hand_over(config: Config, owner: tuple[int, int] | None) -> None:
+    """Give the data directory (and an outside DKIM key dir) to the user twistd
+    switches to, so the server can still write what makeService created as root.
+    Symlinks are changed themselves, never followed."""
+    if owner is None or os.geteuid() != 0:
+        return
+    uid, gid = owner
+    roots = [config.data_dir] + ([config.dkim.key_dir] if config.dkim.key_dir else [])
+    try:
+        os.chmod(config.data_dir, 0o700)
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            os.chown(root, uid, gid, follow_symlinks=False)
+            for dirpath, dirnames, filenames in os.walk(root):
+                for name in dirnames + filenames:
+                    os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot hand {config.data_dir} over to uid {uid}: "
+                          f"{e.strerror}") from None
+
+
 def makeService(options: Options) -> service.IService:
     """twistd's entry point: build from the config file plus options, or exit with one line."""
     from mailtwist.directory import DirectoryError
 
     try:
         config = load_config(options["config"], options.overrides())
-        return build_service(config)
+        os.umask(os.umask(0o077) | 0o077)  # whatever we create: private to the server
+        top = build_service(config)
+        hand_over(config, _twistd_owner(options))
     except (ConfigError, DirectoryError) as e:
         sys.stderr.write(f"mailtwist: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1)
+    # SIGHUP reloads with the same options; only the real server takes the signal.
+    top.config_overrides = options.overrides()
+    top.reload_service.install_signal = True
+    from twisted.internet import reactor
+
+    from mailtwist.workers import spawn_workers
+
+    spawn_workers(top, config, options["config"], top.config_overrides, reactor)
+    return top

@@ -35,6 +35,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from mailtwist import events
+
 MAX_ACCOUNT_KEY = 320
 
 
@@ -168,8 +170,10 @@ class LoginThrottle:
         """
         username = getattr(creds, "username", b"")
         if self.refuses(address, username):
+            events.login_throttled(interfaces, address, username)
             return defer.fail(LoginThrottled("too many failed logins"))
         d = defer.maybeDeferred(portal.login, creds, mind, *interfaces)
+        events.watch_login(d, interfaces, address, username)
 
         def failed(failure: Failure) -> Failure | defer.Deferred:
             if not failure.check(cred_error.UnauthorizedLogin):

@@ -184,7 +184,7 @@ class Mailtwist(Server):
         self.smtp_port, self.imap_port = free_port(), free_port()
         config = self.workdir / "mailtwist.toml"
         config.write_text(
-            f'data_dir = "{data}"\nhostname = "mailtwist.bench"\n'
+            f'data_dir = "{data}"\nhostname = "mailtwist.bench"\nworkers = {self.workers}\n'
             "allow_plaintext_auth = true\n"
             "[listen]\n"
             f'smtp = ["tcp:{self.smtp_port}:interface=127.0.0.1"]\n'

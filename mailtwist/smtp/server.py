@@ -28,9 +28,11 @@ from twisted.cred import credentials, error as cred_error
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.mail.smtp import ESMTP, rfc822date
 
+from mailtwist import events
 from mailtwist.delivery import DeliveryError, Mailbox
 from mailtwist.filters.chain import FilterChain, StageResult
 from mailtwist.dsn import (
@@ -48,12 +50,15 @@ from mailtwist.interfaces import (
     Discard,
     FileInto,
     FilterSession,
+    Quarantine,
     Redirect,
     Reject,
     TempFail,
 )
+from mailtwist.quarantine import QuarantinedCopy, QuarantineEntry, QuarantineStore
 from mailtwist.queue.dispatch import header_section, received_count
 from mailtwist.queue.envelope import Recipient
+from mailtwist.limits import extend_timeout
 from mailtwist.smtp.policy import PolicyReject, SMTPPolicy
 from mailtwist.throttle import ensure_throttle, LoginThrottle, LoginThrottled
 from mailtwist.smtp.wire import (
@@ -96,6 +101,8 @@ class Transaction:
 class MailtwistSMTP(ESMTP):
     """One SMTP session in one role (smtp, submission, submissions)."""
 
+    _ending: tuple[Transaction, str | None] | None = None  # see reply()
+
     def __init__(self, factory: "SMTPFactory") -> None:
         super().__init__(contextFactory=factory.tls_context)
         self.factory = factory
@@ -103,6 +110,10 @@ class MailtwistSMTP(ESMTP):
         limits = factory.config.smtp
         self.limits = limits
         self.timeout = limits.idle_timeout
+        # Idle timer on the listener's clock; reset per complete command only,
+        # DATA bytes extend it (mailtwist.limits.extend_timeout).
+        self.callLater = factory.reactor.callLater
+        self.min_data_rate = factory.config.limits.min_data_rate
         self.host = factory.config.hostname
         self.framer = SMTPFramer(limits.max_command_line, limits.max_data_line)
         self.transaction: Transaction | None = None
@@ -157,10 +168,29 @@ class MailtwistSMTP(ESMTP):
         self._lost = True
         super().connectionLost(reason)
 
+    # -- graceful shutdown (mailtwist/shutdown.py) -------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL given and the end of DATA not yet answered (or a reply pending):
+        shutdown lets this finish, within its bound."""
+        return not self._lost and (self.transaction is not None or self._busy)
+
+    def shutdown_notice(self) -> None:
+        """The server is stopping: 421 4.3.2 and close (RFC 5321 3.8)."""
+        if self._lost or self.transport is None or self.transport.disconnecting:
+            return
+        self._quitting = True
+        self.reply(421, "4.3.2", f"{self.factory.config.hostname} Service shutting down, "
+                                 "closing transmission channel")
+        self.transport.loseConnection()
+
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailtwist"
 
     def reply(self, code: int, enhanced: str | None, text: str | list[str]) -> None:
+        if self._ending is not None:  # the reply that ends a transaction: one event
+            self._transaction_event(code, enhanced)
         lines = [text] if isinstance(text, str) else text
         prefix = f"{enhanced} " if enhanced else ""
         body = b"\n".join((prefix + line).encode("utf-8", "replace") for line in lines)
@@ -181,7 +211,8 @@ class MailtwistSMTP(ESMTP):
                 event = self.framer.next_event()
                 if event is None:
                     break
-                self.resetTimeout()
+                if not isinstance(event, DataContent):
+                    self.resetTimeout()
                 result = self._handle(event)
                 if isinstance(result, defer.Deferred):
                     self._busy = True
@@ -220,9 +251,17 @@ class MailtwistSMTP(ESMTP):
         if isinstance(event, CommandTooLong):
             if self._auth_step is not None:
                 self._auth_step = None
+            if event.flood:
+                self.reply(421, "4.7.0", f"{self.factory.config.hostname} Error: line too "
+                                         "long; closing connection")
+                self._quitting = True
+                self.transport.loseConnection()
+                return None
             self._error(500, "5.5.2", "Error: line too long")
             return None
         if isinstance(event, DataContent):
+            # Credit per byte, not a reset: a byte a minute cannot hold DATA open.
+            extend_timeout(self, len(event.data) / self.min_data_rate)
             self._data_content(event.data)
             return None
         if isinstance(event, DataEnd):
@@ -655,6 +694,7 @@ class MailtwistSMTP(ESMTP):
 
     def _data_end(self, event: DataEnd) -> defer.Deferred | None:
         txn, self.transaction = self.transaction, None
+        self._ending = (txn, None)
         if txn.too_big:
             self.reply(552, "5.3.4", "Error: message size exceeds fixed limit")
             return None
@@ -667,6 +707,7 @@ class MailtwistSMTP(ESMTP):
             self.reply(554, "5.4.6", f"Error: too many hops ({hops}): mail loop?")
             return None
         queue_id = os.urandom(6).hex().upper()
+        self._ending = (txn, queue_id)
         message = self.received_header(txn, queue_id) + bytes(txn.content)
         if txn.discarded or not txn.recipients:
             self._discarded(txn, queue_id)
@@ -683,15 +724,73 @@ class MailtwistSMTP(ESMTP):
             self.filter_session.reset_envelope()
         return result
 
+    @defer.inlineCallbacks
     def _dispatch(self, txn: Transaction, queue_id: str, message: bytes,
-                  mailboxes: list[Mailbox], remote: list[Recipient]) -> defer.Deferred:
-        """Write every copy durably, then answer 250 (or the failure)."""
-        d = self.factory.delivery.deliver(
-            message, txn.sender, mailboxes, remote, ret=txn.ret, envid=txn.envid,
-            user=self.user, sign=self.user is not None, queue_id=queue_id)
-        d.addCallbacks(self._delivered, self._delivery_failed,
-                       callbackArgs=(txn, queue_id, message))
-        return d
+                  mailboxes: list[Mailbox], remote: list[Recipient],
+                  held: list[QuarantineEntry] | None = None):
+        """The outbound stage (when remote recipients remain), then write every
+        copy and quarantine entry durably, then answer 250 (or the failure)."""
+        outbound_copy = None
+        outbound = self.factory.outbound_filters
+        if remote and outbound:
+            self.filter_session.queue_id = queue_id
+            stage = yield outbound.run("outbound", self.filter_session, message,
+                                       [r.address for r in remote])
+            if stage.refused:
+                self._refuse(stage.verdict)
+                return
+            if isinstance(stage.verdict, Discard):
+                log.info("{id}: remote recipients {rcpts} discarded by filter {filter} in "
+                         "the outbound stage", id=queue_id, filter=stage.filter,
+                         rcpts=",".join(r.address for r in remote))
+                remote = []
+            elif stage.message != message:
+                outbound_copy = stage.message
+            if self._lost:
+                log.info("{id}: client went away while filters ran; nothing stored",
+                         id=queue_id)
+                return
+        if not mailboxes and not remote and not held:
+            self._discarded(txn, queue_id)
+            return
+        quarantined: list[str] = []
+        try:
+            for entry in held or ():
+                quarantined.append((yield self.factory.quarantine.add(message, entry)))
+            envelope = None
+            if mailboxes or remote:
+                kwargs = {} if outbound_copy is None else {"outbound_message": outbound_copy}
+                envelope = yield self.factory.delivery.deliver(
+                    message, txn.sender, mailboxes, remote, ret=txn.ret, envid=txn.envid,
+                    user=self.user, sign=self.user is not None, queue_id=queue_id, **kwargs)
+        except Exception:
+            failure = Failure()
+            if quarantined:
+                yield self.factory.quarantine.discard(quarantined)
+            self._delivery_failed(failure)
+            return
+        if held:  # no "delivered" notice for quarantined copies
+            delivered = {box.original for box in mailboxes}
+            txn.local_success = [r for r in txn.local_success if r.address in delivered]
+        for entry_id, entry in zip(quarantined, held or ()):
+            log.info("{id}: from=<{sender}> to={rcpts} quarantined as {qid} by filter "
+                     "{filter} ({reason})", id=queue_id, sender=txn.sender,
+                     rcpts=",".join(entry.recipients), qid=entry_id, filter=entry.filter,
+                     reason=entry.reason)
+        self._delivered(envelope, txn, queue_id, message)
+
+    def _quarantine_entry(self, txn: Transaction, queue_id: str, result: StageResult,
+                          stage: str, local: list[Mailbox], remote: list[Recipient]
+                          ) -> QuarantineEntry:
+        """The envelope of a message (or local copy) a filter quarantined."""
+        verdict = result.verdict
+        return QuarantineEntry(
+            sender=txn.sender, reason=verdict.reason, stage=stage, filter=result.filter,
+            local=[QuarantinedCopy(b.account, b.original, b.folder, b.flags) for b in local],
+            remote=[r.address for r in remote], created=self.factory.reactor.seconds(),
+            queue_id=queue_id, role=self.policy.role,
+            peer=self._peer_host().decode("ascii", "replace"), user=self.user,
+            sign=self.user is not None, ret=txn.ret, envid=txn.envid)
 
     def _discarded(self, txn: Transaction, queue_id: str) -> None:
         log.info("{id}: from=<{sender}> to={rcpts} discarded by a filter",
@@ -709,12 +808,22 @@ class MailtwistSMTP(ESMTP):
         if isinstance(result.verdict, Discard):
             self._discarded(txn, queue_id)
             return
+        if isinstance(result.verdict, Quarantine):
+            if self._lost:
+                log.info("{id}: client went away while filters ran; nothing stored",
+                         id=queue_id)
+                return
+            entry = self._quarantine_entry(txn, queue_id, result, "data", txn.mailboxes,
+                                           txn.remote)
+            yield self._dispatch(txn, queue_id, result.message, [], [], [entry])
+            return
         message = result.message
         folder, flags, redirect = _delivery_choice(result.actions, "INBOX", "")
         mailboxes, remote = list(txn.mailboxes), list(txn.remote)
         if redirect:
             mailboxes, remote = self._route_all(redirect)
         final: list[Mailbox] = []
+        held: list[QuarantineEntry] = []
         for box in mailboxes:
             stage = yield self.filters.run("delivery", session, message,
                                            DeliveryTarget(box.account, box.original))
@@ -723,6 +832,11 @@ class MailtwistSMTP(ESMTP):
                 return
             if isinstance(stage.verdict, Discard):
                 continue
+            if isinstance(stage.verdict, Quarantine):
+                held.append(self._quarantine_entry(
+                    txn, queue_id, stage, "delivery",
+                    [Mailbox(box.account, box.original, folder, flags)], []))
+                continue
             box_folder, box_flags, box_redirect = _delivery_choice(stage.actions, folder, flags)
             if box_redirect:
                 more_boxes, more_remote = self._route_all(box_redirect)
@@ -730,13 +844,13 @@ class MailtwistSMTP(ESMTP):
                 remote += more_remote
                 continue
             final.append(Mailbox(box.account, box.original, box_folder, box_flags))
-        if not final and not remote:
+        if not final and not remote and not held:
             self._discarded(txn, queue_id)
             return
         if self._lost:
             log.info("{id}: client went away while filters ran; nothing stored", id=queue_id)
             return
-        yield self._dispatch(txn, queue_id, message, final, remote)
+        yield self._dispatch(txn, queue_id, message, final, remote, held)
 
     def _route_all(self, addresses: tuple[str, ...]) -> tuple[list[Mailbox], list[Recipient]]:
         """Local copies and remote recipients for a filter's Redirect."""
@@ -781,6 +895,14 @@ class MailtwistSMTP(ESMTP):
         log.failure("delivery failed", failure)
         self.reply(451, "4.3.0", "Error: local error in processing")
 
+    def _transaction_event(self, code: int, enhanced: str | None) -> None:
+        (txn, queue_id), self._ending = self._ending, None
+        events.smtp_transaction(
+            queue_id=queue_id, role=self.policy.role, peer=self._peer_host().decode("ascii"),
+            helo=sanitize_header_text(self._helo[0]) if self._helo else None,
+            sender=txn.sender, recipients=len(txn.recipients), size=len(txn.content),
+            tls=self.secure, user=self.user, code=code, enhanced=enhanced)
+
     def received_header(self, txn: Transaction, queue_id: str) -> bytes:
         helo = sanitize_header_text(self._helo[0] if self._helo else b"unknown")
         peer = sanitize_header_text(self._peer_host())
@@ -820,10 +942,18 @@ class SMTPFactory(protocol.ServerFactory):
     def __init__(self, config, policy: SMTPPolicy, delivery, portal=None, tls_context=None,
                  implicit_tls: bool = False, reactor=None,
                  filters: FilterChain | None = None,
-                 throttle: LoginThrottle | None = None, quota=None) -> None:
+                 throttle: LoginThrottle | None = None, quota=None,
+                 outbound_filters: FilterChain | None = None,
+                 quarantine: QuarantineStore | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.quota = quota
+        #: the [filters] outbound chain, asked before mail is spooled for remote recipients
+        self.outbound_filters = (outbound_filters if outbound_filters is not None
+                                 else FilterChain(clock=reactor))
+        #: where Quarantine verdicts put messages
+        self.quarantine = (quarantine if quarantine is not None else
+                           QuarantineStore(config.data_dir / "quarantine", reactor))
         self.filters = filters if filters is not None else FilterChain(clock=reactor)
         self.throttle = ensure_throttle(throttle, config, reactor)
         self.config = config
