@@ -185,6 +185,23 @@ class SettingsTests(unittest.TestCase):
     def test_installed_as_plugin(self):
         self.assertIs(installed_factories()["auth_results"], auth_results)
 
+    def test_server_context_fills_hostname_and_dns_servers(self):
+        """Guards the FilterContext: without its own settings the filter uses the
+        server's host name and [outbound] DNS servers."""
+        from mailtwist.interfaces import FilterContext
+
+        context = FilterContext(hostname="mx.context.test", state_dir=self.mktemp(),
+                                dns_servers=("127.0.0.9:5353",))
+        flt = build_filter("auth_results", {}, context=context)
+        self.assertEqual(flt.hostname, "mx.context.test")
+        servers = [(ns.address, ns.port) for ns in flt.resolver._resolver.nameservers]
+        self.assertEqual(servers, [("127.0.0.9", 5353)])
+        own = build_filter("auth_results", {"hostname": "own.test",
+                                            "dns_servers": ["127.0.0.8:53"]}, context=context)
+        self.assertEqual(own.hostname, "own.test")
+        self.assertEqual([ns.address for ns in own.resolver._resolver.nameservers],
+                         ["127.0.0.8"])
+
     def test_bad_nameserver_refused(self):
         with self.assertRaises(ConfigError) as e:
             build_filter("auth_results", {"dns_servers": ["not an address"]})

@@ -4,8 +4,9 @@ The ``auth_results`` filter (data stage; SPF also at MAIL when
 ``spf_fail_reject`` is on) is written on the public filter API like any
 third-party filter.  pyspf and dkimpy resolve names synchronously, so every
 check runs in the reactor's thread pool, with a dnspython resolver that asks
-the ``dns_servers`` of the filter's settings (the filter API gives no access
-to the server's ``[outbound]`` config; empty: /etc/resolv.conf).
+the ``dns_servers`` of the filter's settings, else those of the server's
+``[outbound]`` config (from the FilterContext), else /etc/resolv.conf.  The
+authserv-id is the ``hostname`` setting, else the server's host name.
 
 Simplifications (see docs/filters.md): the organizational domain is the last
 two labels of a name (no public-suffix list); DMARC ``pct``, ``rua``/``ruf``
@@ -369,9 +370,10 @@ class AuthenticationFilter(Filter):
         return Continue(*actions)
 
 
-def _build(settings: dict[str, Any]) -> AuthenticationFilter:
+def _build(settings: dict[str, Any], context: Any = None) -> AuthenticationFilter:
     servers = []
-    for text in settings["dns_servers"]:
+    configured = settings["dns_servers"] or list(getattr(context, "dns_servers", ()) or ())
+    for text in configured:
         if not isinstance(text, str):
             raise FilterConfigError("dns_servers", f"expected \"host:port\" strings, "
                                                    f"got {text!r}")
@@ -382,7 +384,7 @@ def _build(settings: dict[str, Any]) -> AuthenticationFilter:
     timeout = float(settings["dns_timeout"])
     if not timeout > 0:
         raise FilterConfigError("dns_timeout", "must be more than 0")
-    hostname = settings["hostname"] or socket.getfqdn()
+    hostname = settings["hostname"] or getattr(context, "hostname", None) or socket.getfqdn()
     try:
         FileInto(settings["junk_folder"])
     except ValueError as e:
