@@ -35,7 +35,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "smtp.transaction": ("queue_id", "role", "peer", "helo", "sender", "recipients",
                          "size", "tls", "user", "code", "enhanced", "result"),
     "delivery.attempt": ("queue_id", "recipient", "relay", "status", "code", "enhanced",
-                         "text", "attempt", "size"),
+                         "text", "attempt", "size", "age"),
     "login": ("protocol", "peer", "user", "result"),
     "filter.verdict": ("filter", "stage", "verdict", "code", "enhanced", "queue_id",
                        "peer", "role"),
@@ -67,14 +67,15 @@ def smtp_transaction(*, queue_id: str | None, role: str, peer: str, helo: str | 
 
 def delivery_attempt(*, queue_id: str, recipient: str, relay: str | None, status: str,
                      code: int | None, enhanced: str | None, text: str, attempt: int,
-                     size: int) -> None:
+                     size: int, age: float = 0.0) -> None:
     """One outbound attempt for one recipient and its outcome
-    (``delivered``, ``pending`` or ``failed``)."""
+    (``delivered``, ``pending`` or ``failed``); *age* is the seconds since
+    the message was queued."""
     _emit("delivery.attempt",
           "{queue_id} attempt {attempt} to=<{recipient}> relay={relay} size={size} "
           "status={status} {code} {enhanced} ({text})",
           queue_id=queue_id, recipient=recipient, relay=relay, status=status, code=code,
-          enhanced=enhanced, text=text, attempt=attempt, size=size)
+          enhanced=enhanced, text=text, attempt=attempt, size=size, age=round(age, 3))
 
 
 def login(*, protocol: str, peer: str, user: str, result: str) -> None:

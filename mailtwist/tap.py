@@ -333,7 +333,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None,
     from mailtwist.directory import FileDirectory
     from mailtwist.imap.server import IMAPFactory, register_imap
     from mailtwist.limits import ConnectionLimiter, LimitedFactory, ensure_fd_limit
-    from mailtwist.metrics import Metrics
+    from mailtwist.metrics import EventCounter, Metrics
     from mailtwist.pop3 import POP3Factory, register_pop3
     from mailtwist.quarantine import QuarantineStore
     from mailtwist.queue.service import build_outbound
@@ -395,6 +395,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None,
                                               io_pool)
     metrics.watch_queue(lambda: len(queue_runner.spool.ids()))
     top.metrics = metrics
+    EventCounter(metrics).setServiceParent(top)
     if worker is None:
         queue_runner.setServiceParent(top)
         top.queue = queue_runner

@@ -204,7 +204,8 @@ class DeliveryAttemptTests(CaptureMixin, unittest.TestCase):
                          {"queue_id": "ABC123", "recipient": "x@remote.test",
                           "relay": "mx.remote.test", "status": "delivered", "code": 250,
                           "enhanced": "2.0.0", "text": "250 ok", "attempt": 1,
-                          "size": len(MESSAGE)})
+                          "size": len(MESSAGE), "age": event["age"]})
+        self.assertGreaterEqual(event["age"], 0.0)
 
 
 class JSONObserverTests(unittest.TestCase):

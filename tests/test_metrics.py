@@ -71,6 +71,46 @@ class MetricsTests(ServerMixin, unittest.TestCase):
         self.assertEqual(after[("mailtwist_connections_total", (("role", "imap"),))], 0)
 
     @defer.inlineCallbacks
+    def test_transactions_and_local_latency_are_counted(self):
+        """Guards the transaction counter and the local delivery latency histogram
+        (fed by the smtp.transaction event and the delivery proxy)."""
+        yield self.in_thread(send, self.port("smtp"))
+        with self.assertRaises(smtplib.SMTPRecipientsRefused):
+            yield self.in_thread(self.send_to, "nobody@example.test")
+        found = yield self.scrape()
+        self.assertEqual(found[("mailtwist_smtp_transactions_total",
+                                (("result", "accepted"), ("role", "smtp")))], 1)
+        self.assertEqual(found[("mailtwist_local_delivery_seconds_count", ())], 1)
+
+    def send_to(self, address: str) -> None:
+        with smtplib.SMTP("127.0.0.1", self.port("smtp"), timeout=10) as client:
+            client.sendmail("someone@elsewhere.test", [address], MESSAGE)
+
+    def test_outbound_and_filter_events_are_counted(self):
+        """Guards the outbound outcome counter, the outbound latency histogram and
+        the filter verdict counter (fed by delivery.attempt and filter.verdict)."""
+        from mailtwist import events
+        from mailtwist.interfaces import Reject
+
+        metrics = self.server.metrics
+        common = dict(queue_id="Q1", relay="mx.far.test", code=250, enhanced="2.0.0",
+                      text="ok", attempt=1, size=10)
+        events.delivery_attempt(recipient="a@far.test", status="delivered", age=42.0,
+                                **common)
+        events.delivery_attempt(recipient="b@far.test", status="pending", **common)
+        events.delivery_attempt(recipient="c@far.test", status="failed", **common)
+        events.filter_verdict(filter_name="dnsbl", stage="connect",
+                              verdict=Reject("listed", 554, "5.7.1"))
+        value = metrics.registry.get_sample_value
+        for outcome in ("delivered", "deferred", "bounced"):
+            self.assertEqual(value("mailtwist_outbound_attempts_total",
+                                   {"outcome": outcome}), 1)
+        self.assertEqual(value("mailtwist_outbound_delivery_seconds_sum"), 42.0)
+        self.assertEqual(value("mailtwist_filter_verdicts_total",
+                               {"filter": "dnsbl", "stage": "connect",
+                                "verdict": "Reject"}), 1)
+
+    @defer.inlineCallbacks
     def test_logins_are_counted(self):
         ok = yield self.in_thread(pop3_login, self.port("pop3s"), PASSWORD)
         self.assertTrue(ok)

@@ -291,7 +291,8 @@ class QueueRunner(service.Service):
                 events.delivery_attempt(
                     queue_id=envelope.id, recipient=r.address, relay=outcome.remote_mta,
                     status=outcome.status, code=outcome.code, enhanced=outcome.enhanced,
-                    text=outcome.text, attempt=envelope.attempts + 1, size=len(message))
+                    text=outcome.text, attempt=envelope.attempts + 1, size=len(message),
+                    age=max(0.0, now - envelope.created))
 
     async def _outbound_stage(self, envelope: Envelope, pending: list[Recipient],
                               message: bytes, now: float) -> bytes | None:
