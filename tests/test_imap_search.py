@@ -895,3 +895,75 @@ class PropertyTests(SynchronousTestCase):
         highest = (max(m.seq for m in messages), max(m.uid for m in messages)) if messages else None
         expected = [m.seq for m in messages if model(m, highest)]
         self.assertEqual(search(text, messages), expected, text)
+
+
+@dataclass
+class TableIndex:
+    """A SearchIndex over a dict of per-UID header values (what the server's
+    message cache provides), counting its answers."""
+
+    values: dict[int, dict[str, str]]
+    sent: dict[int, datetime.date | None] = field(default_factory=dict)
+    answers: int = 0
+
+    def header_match(self, uid: int, field: str, needle: str) -> bool | None:
+        if uid not in self.values:
+            return None
+        self.answers += 1
+        value = self.values[uid].get(field)
+        return value is not None and needle in value
+
+    def header_text_match(self, uid: int, needle: str) -> bool | None:
+        if uid not in self.values:
+            return None
+        self.answers += 1
+        return any(needle in f"{name}: {value}" for name, value in self.values[uid].items())
+
+    def sent_date(self, uid: int) -> datetime.date | None | bool:
+        return self.sent.get(uid, False) if uid in self.values else False
+
+
+class SearchIndexTests(SynchronousTestCase):
+    """Header keys answered by a SearchIndex, and evaluation in chunks."""
+
+    def test_index_answers_header_keys_without_parsing(self) -> None:
+        """With an index, FROM/HEADER/SENT* never parse a message it knows."""
+        messages = [BareMessage(1, 10), BareMessage(2, 20)]
+        index = TableIndex({10: {"from": "carol", "x-tag": "red"}, 20: {"from": "dave"}},
+                           {10: datetime.date(2024, 1, 5), 20: None})
+        self.assertEqual(evaluate(parse_search(b"FROM carol"), messages, index=index), [1])
+        self.assertEqual(evaluate(parse_search(b"HEADER X-Tag RED"), messages, index=index), [1])
+        self.assertEqual(evaluate(parse_search(b"SENTSINCE 1-Jan-2024"), messages,
+                                  index=index), [1, 2])  # 2 falls back to its internal date
+        self.assertEqual(evaluate(parse_search(b"NOT FROM dave"), messages, index=index), [1])
+        self.assertGreater(index.answers, 0)
+
+    def test_unknown_messages_and_us_ascii_fall_back_to_parsing(self) -> None:
+        """Messages the index lacks, and US-ASCII searches, parse the message."""
+        messages = mailbox(message("From: carol\r\n"), message("From: dave\r\n"))
+        index = TableIndex({10: {"from": "nobody"}})
+        self.assertEqual(evaluate(parse_search(b"FROM dave"), messages, index=index), [2])
+        self.assertEqual([m.parse_calls for m in messages], [0, 1])
+        self.assertEqual(evaluate(parse_search(b"CHARSET US-ASCII FROM carol"), messages,
+                                  index=index), [1])
+        self.assertEqual(messages[0].parse_calls, 1)
+
+    def test_text_uses_the_index_for_headers_and_parses_for_the_body(self) -> None:
+        """TEXT matches indexed header lines without parsing; else reads the body."""
+        messages = mailbox(message("Subject: x\r\n", "needle\r\n"),
+                           message("Subject: needle\r\n", "nothing\r\n"))
+        index = TableIndex({10: {"subject": "x"}, 20: {"subject": "needle"}})
+        self.assertEqual(evaluate(parse_search(b"TEXT needle"), messages, index=index), [1, 2])
+        self.assertEqual([m.parse_calls for m in messages], [1, 0])
+
+    def test_chunks_give_the_same_answer_as_the_whole(self) -> None:
+        """With max_seq and max_uid, ``*`` means the mailbox's last message in every chunk."""
+        messages = [BareMessage(i, 10 * i, flags=frozenset({"\\Seen"}) if i % 2 else frozenset())
+                    for i in range(1, 11)]
+        for query in (b"*", b"5:*", b"UID 70:*", b"SEEN 3:*", b"NOT 2:*", b"UID *"):
+            program = parse_search(query)
+            whole = evaluate(program, messages)
+            chunked = []
+            for start in range(0, 10, 3):
+                chunked += evaluate(program, messages[start:start + 3], max_uid=100, max_seq=10)
+            self.assertEqual(chunked, whole, query)

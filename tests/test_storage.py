@@ -872,3 +872,38 @@ class LockTests(StorageTestCase):
         folder = md.folder()
         self.assertEqual([i.uid for i in folder.scan()], [1])
         self.assertTrue((md.root / "dovecot-uidlist").read_text().startswith("3 V"))
+
+
+class HostileEntryTests(StorageTestCase):
+    """Only regular files are messages; sizes in names are trusted only when numeric."""
+
+    def test_name_sizes(self) -> None:
+        """Dovecot's ,S=/,W= fields, the usual layout and the odd ones."""
+        self.assertEqual(maildir._name_sizes("1.M2P3Q4.host,S=10,W=12"), (10, 12))
+        self.assertEqual(maildir._name_sizes("1.M2P3Q4.host,W=12,S=10"), (10, 12))
+        self.assertEqual(maildir._name_sizes("x,S=1x,S=5,W=7"), (5, 7))
+        self.assertEqual(maildir._name_sizes("x,S=,W=q"), (None, None))
+
+    def test_non_numeric_size_fields_do_not_hide_a_message(self) -> None:
+        """A name with ``,S=x`` is sized by reading the file, not dropped."""
+        md = Maildir(self.mktemp())
+        md.ensure()
+        (md.root / "cur" / "junk,S=x,W=:2,S").write_bytes(b"a\nb\n")
+        (info,) = md.folder().scan()
+        self.assertEqual((info.size, info.vsize), (4, 6))
+
+    def test_only_regular_files_are_messages(self) -> None:
+        """Links, directories and FIFOs in new/ and cur/ are not listed or opened."""
+        md = Maildir(self.mktemp())
+        md.ensure()
+        outside = pathlib.Path(self.mktemp())
+        outside.write_bytes(b"Subject: outside\n\nsecret\n")
+        md.deliver(b"Subject: inside\n\nx\n")
+        (md.root / "cur" / "link:2,S").symlink_to(outside.resolve())
+        (md.root / "new" / "dir").mkdir()
+        os.mkfifo(md.root / "new" / "fifo")
+        infos = md.folder().scan()
+        self.assertEqual(len(infos), 1)
+        fake = maildir.MessageInfo(99, "link", "cur", "link:2,S", frozenset(), 1, 1, md.root)
+        with self.assertRaises(OSError):
+            md.folder().read_message(fake)

@@ -8,8 +8,15 @@ upper-case, already validated by :func:`mailtwist.imap.names.mailbox_name`).
 Two small files in the Maildir root hold IMAP-only state, each rewritten
 atomically under a per-account lock:
 
-- ``subscriptions``: one subscribed mailbox a line, in modified UTF-7 with
-  ``/`` as separator;
+- ``subscriptions``: Dovecot's format, so a user migrated either way keeps
+  the subscriptions (Dovecot's ``subscription-file.c``): version 2 is a
+  ``V<TAB>2`` line and an empty line, then one mailbox a line in UTF-8 with
+  its hierarchy levels separated by TABs, each level tab-escaped (``\x01``
+  followed by ``1``, ``t``, ``r``, ``n`` or ``0`` for \x01, TAB, CR, LF and
+  NUL). That is what we write. A file without the version line (Dovecot's
+  version 1, and mailtwist before) has one name a line in modified UTF-7
+  with ``/`` or, as Maildir++ namespaces have it, ``.`` between levels;
+  it is read and rewritten as version 2 at the next change;
 - ``mailtwist-special-use``: ``name<TAB>\\Attr ...`` lines for folders given
   special-use attributes with CREATE-SPECIAL-USE. Without a line, the folders
   Sent, Drafts, Trash, Junk and Archive carry the attribute of their name.
@@ -72,7 +79,10 @@ class MailboxError(Exception):
 
 
 def _write_lines(path: str, lines: Iterable[str]) -> None:
-    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    _write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
@@ -87,6 +97,63 @@ def _write_lines(path: str, lines: Iterable[str]) -> None:
         except OSError:
             pass
         raise
+
+
+SUBSCRIPTIONS_V2 = "V\t2\n\n"
+_TAB_ESCAPES = {"1": "\x01", "t": "\t", "r": "\r", "n": "\n", "0": "\x00"}
+_TAB_ESCAPED = {v: "\x01" + k for k, v in _TAB_ESCAPES.items()}
+
+
+def _tab_escape(text: str) -> str:
+    return "".join(_TAB_ESCAPED.get(ch, ch) for ch in text)
+
+
+def _tab_unescape(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\x01" and i + 1 < len(text):
+            out.append(_TAB_ESCAPES.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def parse_subscriptions(data: bytes) -> set[str]:
+    """Canonical folder names in a ``subscriptions`` file (either version);
+    names that are not valid folder names are skipped."""
+    text = data.decode("utf-8", "replace")
+    names = set()
+    if text.startswith(SUBSCRIPTIONS_V2):
+        for line in text[len(SUBSCRIPTIONS_V2):].split("\n"):
+            if not line:
+                continue
+            try:
+                names.add(validate_folder_name(
+                    "/".join(_tab_unescape(level) for level in line.split("\t"))))
+            except ValueError:
+                continue
+        return names
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            decoded = decode_mutf7(line.encode("ascii"))
+            names.add(validate_folder_name(decoded.replace(".", "/")))
+        except (ValueError, UnicodeEncodeError):
+            continue
+    return names
+
+
+def format_subscriptions(names: Iterable[str]) -> bytes:
+    """A version 2 ``subscriptions`` file for canonical folder names."""
+    lines = sorted("\t".join(_tab_escape(level) for level in name.split("/"))
+                   for name in names)
+    return (SUBSCRIPTIONS_V2 + "".join(line + "\n" for line in lines)).encode("utf-8")
 
 
 def _read_lines(path: str) -> list[str]:
@@ -153,17 +220,14 @@ class IMAPAccount:
     # -- state files (blocking)
 
     def _subscriptions_blocking(self) -> set[str]:
-        names = set()
-        for line in _read_lines(os.path.join(self.root, SUBSCRIPTIONS_NAME)):
-            try:
-                names.add(validate_folder_name(decode_mutf7(line.strip().encode("ascii"))))
-            except (ValueError, UnicodeEncodeError):
-                continue
-        return names
+        try:
+            with open(os.path.join(self.root, SUBSCRIPTIONS_NAME), "rb") as f:
+                return parse_subscriptions(f.read())
+        except FileNotFoundError:
+            return set()
 
     def _save_subscriptions(self, names: set[str]) -> None:
-        lines = sorted(encode_mutf7(n).decode("ascii") for n in names)
-        _write_lines(os.path.join(self.root, SUBSCRIPTIONS_NAME), lines)
+        _write_bytes(os.path.join(self.root, SUBSCRIPTIONS_NAME), format_subscriptions(names))
 
     def _special_blocking(self) -> dict[str, tuple[str, ...]]:
         """Folder name -> special-use attributes (explicit ones override the defaults)."""

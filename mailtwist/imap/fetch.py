@@ -6,6 +6,11 @@ BODYSTRUCTURE) or its mtime (INTERNALDATE), and on the reactor when they
 need neither (FLAGS, UID, RFC822.SIZE): ``UID FETCH 1:* (FLAGS)`` on a big
 folder reads no message file.
 
+ENVELOPE, BODY and BODYSTRUCTURE come from the folder's message cache
+(:class:`mailtwist.storage.index.MessageCache`) when it has the message:
+then the file is not opened either. A message parsed for lack of a cache
+row is handed to *on_parsed*, so that the server can fill the row.
+
 Fixes over Twisted's FETCH: ``<start.length>`` returns just that slice,
 BODY[...] and RFC822(.TEXT) set \\Seen unless PEEKed (and the new FLAGS are
 sent with the response), and 8-bit header text always goes out as literals
@@ -17,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mailtwist.imap.mime import ParsedMessage, parse_section_spec, partial
 from mailtwist.imap.wire import Atom, ParseError, Token, format_date_time
@@ -34,6 +40,8 @@ _NEEDS_FILE = frozenset({b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822", b"RF
                          b"RFC822.TEXT", b"SECTION"})
 _NEEDS_PARSE = frozenset({b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822.HEADER",
                           b"RFC822.TEXT"})
+CACHED_ITEMS = frozenset({b"ENVELOPE", b"BODY", b"BODYSTRUCTURE"})
+"""Items the message cache answers without the file."""
 _SECTION = re.compile(rb"(BODY|BODY\.PEEK)\[(.*)\](?:<([0-9]{1,10})\.([0-9]{1,10})>)?",
                       re.IGNORECASE | re.DOTALL)
 
@@ -119,10 +127,13 @@ class FetchEntry:
 
 
 def render(entry: FetchEntry, items: list[FetchItem], uid_first: bool,
-           load: Callable[[object], bytes] | None) -> bytes:
+           load: Callable[[object], bytes] | None, cached: Any = None,
+           on_parsed: Callable[[FetchEntry, ParsedMessage], None] | None = None) -> bytes:
     """One ``* n FETCH (...)`` response; *load* reads the message (CRLF) when needed.
 
-    Raises FileNotFoundError if the message file is gone.
+    *cached* (a :class:`~mailtwist.storage.index.CachedMessage` or None)
+    answers ENVELOPE, BODY and BODYSTRUCTURE. Raises FileNotFoundError if the
+    message file is gone.
     """
     raw: bytes | None = None
     parsed: ParsedMessage | None = None
@@ -139,10 +150,16 @@ def render(entry: FetchEntry, items: list[FetchItem], uid_first: bool,
         if kind in names and kind != b"SECTION":
             continue
         names.add(kind)
+        if cached is not None and kind in CACHED_ITEMS:
+            out.append(kind + b" " + (cached.envelope if kind == b"ENVELOPE" else
+                                      cached.body if kind == b"BODY" else cached.bodystructure))
+            continue
         if item.needs_file and raw is None:
             raw = load(entry.info)
         if parsed is None and (kind in _NEEDS_PARSE or (kind == b"SECTION" and item.section)):
             parsed = ParsedMessage.parse(raw)
+            if on_parsed is not None:
+                on_parsed(entry, parsed)
         if kind == b"FLAGS":
             out.append(b"FLAGS " + entry.flags)
         elif kind == b"UID":

@@ -27,6 +27,17 @@ a directory's mtime cannot tell two changes within one clock tick apart).
 While a session IDLEs in the folder, refresh runs every
 :data:`POLL_INTERVAL` seconds.
 
+Each folder also has a message cache (:class:`MessageCache`,
+``mailtwist-cache.sqlite``) of what SEARCH and FETCH ENVELOPE/BODY/
+BODYSTRUCTURE need without opening message files. A row is made when a
+message is first parsed (FETCH, SEARCH) and by a warm-up that runs through
+the folder in chunks of :data:`WARM_CHUNK` after a scan found new messages
+(one folder at a time in the process, paced to about half a core);
+rows of expunged messages are dropped with the index records. SEARCH runs in
+the pool in chunks of :data:`SEARCH_CHUNK` messages (fewer,
+:data:`BODY_SEARCH_CHUNK`, when it reads bodies), answering header keys with
+SQL over the cached, folded values of the chunk's UID range.
+
 All Maildir I/O runs in the mail-io thread pool. Scans and changes of one
 folder are serialised by the folder's ``DeferredLock`` (so one ``Folder``
 object is never used by two threads at once); message reads take no lock.
@@ -37,8 +48,12 @@ held, so a scan's diff may read it from the pool thread.
 from __future__ import annotations
 
 import bisect
+import datetime
+import hashlib
 import itertools
 import os
+import sys
+import threading
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -51,8 +66,25 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailtwist.imap.fetch import CACHED_ITEMS, FetchEntry, FetchItem, render
+from mailtwist.imap.mime import ParsedMessage, decode_header_value
+from mailtwist.imap.search import SearchProgram, evaluate, fold, header_date
 from mailtwist.imap.wire import format_sequence_set
-from mailtwist.storage.index import INDEX_NAME, ModseqIndex, letters_key, open_index
+from mailtwist.storage.index import (
+    CACHE_NAME,
+    FIELD_SEP,
+    INDEX_NAME,
+    NAME_SEP,
+    SEARCH_COLUMNS,
+    CachedMessage,
+    MessageCache,
+    ModseqIndex,
+    base_key,
+    letters_key,
+    missing_ranges,
+    open_index,
+    trim_expunged,
+)
 from mailtwist.storage.maildir import (
     FLAG_LETTERS,
     KEYWORDS_NAME,
@@ -86,6 +118,39 @@ SYNC_CHUNK = 5000
 
 KEEP_UNSELECTED = 32
 """Folders kept loaded after their last session left (STATUS, APPEND to Sent, ...)."""
+
+WARM_UP = True
+"""Fill the message cache in the background after a scan found new messages."""
+
+WARM_CHUNK = 500
+"""Messages the warm-up looks at (and parses if not cached) per pool call."""
+
+FILL_BATCH = 50
+"""Messages parsed into the cache per transaction (and per hold of the fill lock)."""
+
+WARM_SLICE = 0.01
+"""Seconds the warm-up parses before it rests as long (it sleeps, releasing the
+GIL), so that it takes at most about half a core from the sessions."""
+
+SEARCH_CHUNK = 5000
+"""Messages a SEARCH evaluates per pool call when it reads no message bodies."""
+
+BODY_SEARCH_CHUNK = 200
+"""Messages a SEARCH evaluates per pool call when it reads bodies (BODY, TEXT)."""
+
+def _renderer_fingerprint() -> str:
+    """A digest of the code whose output the message cache keeps (MIME rendering,
+    SEARCH folding, the row layout): caches made by other code start afresh."""
+    from mailtwist.imap import mime, search
+    digest = hashlib.blake2b(digest_size=8)
+    for module in (mime, search, sys.modules[__name__]):
+        try:
+            with open(module.__file__ or "", "rb") as f:
+                digest.update(f.read())
+        except OSError:
+            digest.update((module.__name__ or "").encode())
+    return digest.hexdigest()
+
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
@@ -199,7 +264,11 @@ class SharedFolder:
         self.modseq = 0
         self.index: ModseqIndex | None = None
         self.expunged_modseqs: dict[int, int] = {}
+        self.expunged_floor = 0
         self._index_pending: list[tuple] = []
+        self._cache: MessageCache | None = None
+        self._cache_guard = threading.Lock()
+        self._fill_lock = threading.Lock()
         self.log: deque[Change] = deque()
         self.log_floor = 0
         self.keywords: dict[str, str] = {}
@@ -241,10 +310,31 @@ class SharedFolder:
         if not records or index is None or self.gone:
             return
         try:
-            await self._run(_index_write_blocking, index, records)
+            await self._run(self._persist_blocking, index, records)
         except OSError:
             # the index is marked dirty and rewritten whole at the next change
             log.failure("writing the index of {folder}", folder=self.name)
+
+    def _persist_blocking(self, index: ModseqIndex, records: list[tuple]) -> None:
+        """Drop the cache rows of expunged messages, then append to the index."""
+        gone = [r[1] for r in records if r[0] == "-"]
+        if gone and (cache := self.cache_blocking()) is not None:
+            cache.forget(gone)
+        _index_write_blocking(index, records)
+
+    def cache_blocking(self) -> MessageCache | None:
+        """The folder's message cache for the current UIDVALIDITY (None if unusable
+        or the folder was not scanned yet)."""
+        if not self.uidvalidity:
+            return None
+        with self._cache_guard:
+            cache = self._cache
+            if cache is None or cache.uidvalidity != self.uidvalidity:
+                if cache is not None:
+                    cache.close()
+                cache = self._cache = MessageCache(os.path.join(self.path, CACHE_NAME),
+                                                   self.uidvalidity, RENDERER)
+        return cache if cache.broken is None else None
 
     def _open_blocking(self) -> Folder:
         if self.folder is None:
@@ -311,7 +401,7 @@ class SharedFolder:
         the others keep 0 and are numbered by :meth:`_apply`.
         """
         index, reason = open_index(os.path.join(self.path, INDEX_NAME), result.uidvalidity,
-                                   [(info.uid, info.flags) for info in infos])
+                                   ((info.uid, info.flags) for info in infos), result.uidnext)
         known = index.messages
         for m in result.new:
             entry = known.get(m.uid)
@@ -399,6 +489,8 @@ class SharedFolder:
         if changed_any and log_changes:
             self._trim_log()
             self.notify()
+        if arrived:
+            self.start_warm_up()
 
     def _take_index(self, result: ScanResult) -> None:
         """Adopt a freshly opened index; number what it did not know (reactor, locked)."""
@@ -412,6 +504,7 @@ class SharedFolder:
         self.modseq = max(index.highest, 1)
         self.log, self.log_floor = deque(), self.modseq
         self.expunged_modseqs = dict(index.expunged)
+        self.expunged_floor = index.floor
         unknown = [m for m in result.new if m.modseq == 0]
         if unknown or result.index_gone:
             self.modseq += 1
@@ -421,6 +514,7 @@ class SharedFolder:
             for uid in result.index_gone or ():
                 self.expunged_modseqs[uid] = self.modseq
                 self._index_pending.append(("-", uid, self.modseq))
+            self.expunged_floor = trim_expunged(self.expunged_modseqs, self.expunged_floor)
             self.log_floor = self.modseq
 
     def _record(self, kind: str, message: Message, origin: object | None) -> None:
@@ -429,13 +523,37 @@ class SharedFolder:
         self.log.append(Change(self.modseq, kind, message.uid, origin, message))
         if kind == EXPUNGE:
             self.expunged_modseqs[message.uid] = self.modseq
+            self.expunged_floor = trim_expunged(self.expunged_modseqs, self.expunged_floor)
             self._index_pending.append(("-", message.uid, self.modseq))
         else:
             self._index_pending.append(("+", message.uid, self.modseq, message.info.flags))
 
     def vanished_since(self, modseq: int) -> list[int]:
-        """UIDs expunged after *modseq*, ascending (QRESYNC's VANISHED (EARLIER))."""
+        """UIDs known to be expunged after *modseq*, ascending (a subset of
+        :meth:`vanished_set`'s when *modseq* is below the log's floor)."""
         return sorted(uid for uid, m in self.expunged_modseqs.items() if m > modseq)
+
+    def vanished_set(self, modseq: int,
+                     within: list[tuple[int | None, int | None]] | None = None) -> bytes:
+        """QRESYNC's VANISHED (EARLIER) for a client at *modseq*, as a sequence
+        set limited to the UID ranges *within* (``None`` is ``*``); b"" if none.
+
+        Below the expunge log's floor the exact answer is forgotten, so every
+        UID under UIDNEXT in *within* that no longer exists is sent (RFC 7162
+        section 3.2.5.2 allows such a superset).
+        """
+        top = max(self.uidnext - 1, 0)
+        spans = _merge_ranges(within, top) if within is not None else [(1, top)]
+        if modseq >= self.expunged_floor:
+            uids = self.vanished_since(modseq)
+            if within is not None:
+                uids = [u for u in uids if _in_spans(spans, u)]
+            return format_sequence_set(uids)
+        out = []
+        for low, high in spans:
+            for a, b in missing_ranges(self.uids, low, high):
+                out.append(b"%d" % a if a == b else b"%d:%d" % (a, b))
+        return b",".join(out)
 
     def _trim_log(self) -> None:
         """Drop log entries every view has seen; cap the rest at MAX_LOG.
@@ -705,6 +823,129 @@ class SharedFolder:
         """The message with CRLF line ends; FileNotFoundError if it is gone."""
         return self._open_blocking().read_message_crlf(info)
 
+    # -- the message cache (pool threads, no folder lock)
+
+    def render_blocking(self, entries: list[FetchEntry], items: list[FetchItem],
+                        uid_first: bool) -> list[bytes | None]:
+        """FETCH responses (None for a message whose file is gone or unreadable),
+        with ENVELOPE/BODY/BODYSTRUCTURE from the cache when it has them."""
+        cache = None
+        kinds = {item.kind for item in items}
+        if kinds & CACHED_ITEMS:
+            cache = self.cache_blocking()
+        fill: list[tuple] = []
+
+        def on_parsed(entry: FetchEntry, parsed: ParsedMessage) -> None:
+            try:
+                fill.append(cache_row(entry.uid, entry.info.base, entry.info.vsize, parsed))
+            except Exception as e:  # noqa: BLE001 - the FETCH itself must still answer
+                log.warn("Not caching message {uid} of {folder}: {error!r}",
+                         uid=entry.uid, folder=self.name, error=e)
+
+        rows = cache.get_many([e.uid for e in entries]) if cache is not None else {}
+        out: list[bytes | None] = []
+        for entry in entries:
+            cached = rows.get(entry.uid)
+            if cached is not None and (cached.base != base_key(entry.info.base)
+                                       or not cached.complete):
+                cached = None
+            try:
+                out.append(render(entry, items, uid_first, self.read_blocking, cached,
+                                  on_parsed if cache is not None and cached is None else None))
+            except OSError:
+                out.append(None)
+        if fill and cache is not None:
+            cache.put(fill)
+        return out
+
+    def fill_blocking(self, messages: list[tuple[int, MessageInfo]], paced: bool = False,
+                      full: bool = True) -> int:
+        """Make cache rows for the messages (ascending UIDs) that have none;
+        how many were made. Without *full* (for SEARCH) the rows lack the
+        FETCH items, which cost more than the rest together.
+
+        Works in batches of :data:`FILL_BATCH` under the folder's fill lock,
+        so the warm-up and a SEARCH never parse the same message twice.
+        *paced* (the warm-up) rests as long as it worked every
+        :data:`WARM_SLICE` seconds, outside the lock.
+        """
+        cache = self.cache_blocking()
+        if cache is None or not messages:
+            return 0
+        made = 0
+        rest_at = time.monotonic() + WARM_SLICE
+        for start in range(0, len(messages), FILL_BATCH):
+            batch = messages[start:start + FILL_BATCH]
+            with self._fill_lock:
+                known = cache.known(batch[0][0], batch[-1][0])
+                rows = []
+                for uid, info in batch:
+                    if known.get(uid) == base_key(info.base):
+                        continue
+                    try:
+                        raw = self.read_blocking(info)
+                    except OSError:
+                        continue
+                    try:
+                        rows.append(cache_row(uid, info.base, info.vsize,
+                                              ParsedMessage.parse(raw), full))
+                    except Exception as e:  # noqa: BLE001 - one odd message must not stop it
+                        log.warn("Not caching message {uid} of {folder}: {error!r}",
+                                 uid=uid, folder=self.name, error=e)
+                cache.put(rows)
+                made += len(rows)
+            if paced and rows and time.monotonic() >= rest_at:
+                time.sleep(WARM_SLICE)
+                rest_at = time.monotonic() + WARM_SLICE
+        return made
+
+    def start_warm_up(self) -> None:
+        """Have the cache filled for the whole folder in the background (one
+        folder at a time in the process, see :meth:`FolderRegistry.warm_up`)."""
+        if WARM_UP and not self.gone:
+            self.registry.warm_up(self)
+
+    async def _warm_up(self) -> None:
+        after = 0
+        while not self.gone and getattr(self.pool, "started", True):
+            uids = self.uids
+            start = bisect.bisect_right(uids, after)
+            chunk = [(u, m.info) for u in uids[start:start + WARM_CHUNK]
+                     if (m := self.messages.get(u)) is not None]
+            if not chunk:
+                return
+            await self._run(self.fill_blocking, chunk, True)
+            after = chunk[-1][0]
+
+    async def search(self, program: SearchProgram, uids: list[int],
+                     messages: list[Message | None], recent: set[int]) -> list[int]:
+        """Sequence numbers of the messages (the session's *uids*, in order, and
+        their *messages*) that match, evaluated in the pool chunk by chunk."""
+        if not uids:
+            return []
+        chunk_size = BODY_SEARCH_CHUNK if program.needs_body else SEARCH_CHUNK
+        max_seq, max_uid = len(uids), uids[-1]
+        result: list[int] = []
+        for start in range(0, len(uids), chunk_size):
+            part = [(seq, u, m) for seq, (u, m) in enumerate(
+                zip(uids[start:start + chunk_size], messages[start:start + chunk_size]),
+                start + 1) if m is not None]
+            if part:
+                result += await self._run(self._search_blocking, program, part, recent,
+                                          max_seq, max_uid)
+        return result
+
+    def _search_blocking(self, program: SearchProgram, part: list[tuple[int, int, Message]],
+                         recent: set[int], max_seq: int, max_uid: int) -> list[int]:
+        index = None
+        if program.needs_headers:
+            self.fill_blocking([(u, m.info) for _, u, m in part], full=False)
+            cache = self.cache_blocking()
+            if cache is not None:
+                index = _ChunkIndex(cache, part)
+        items = [_SearchItem(seq, u, m, u in recent, self, index) for seq, u, m in part]
+        return evaluate(program, items, max_uid=max_uid, max_seq=max_seq, index=index)
+
     # -- sessions
 
     def attach(self, view: View) -> None:
@@ -953,6 +1194,159 @@ class View:
         return b"(" + " ".join(flags).encode("utf-8", "replace") + b")"
 
 
+def _merge_ranges(ranges: list[tuple[int | None, int | None]], top: int
+                  ) -> list[tuple[int, int]]:
+    """Sorted, merged (low, high) spans of a UID set, ``*`` being *top*, within 1..top."""
+    spans = sorted((min(lo, hi), max(lo, hi)) for lo, hi in (
+        (top if a is None else a, top if b is None else b) for a, b in ranges))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        lo, hi = max(lo, 1), min(hi, top)
+        if lo > hi:
+            continue
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _in_spans(spans: list[tuple[int, int]], uid: int) -> bool:
+    i = bisect.bisect_right(spans, (uid, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= uid <= spans[i][1]
+
+
+def _clean(text: str) -> str:
+    return text.replace(FIELD_SEP, " ").replace(NAME_SEP, " ")
+
+
+def cache_row(uid: int, base: str, vsize: int, parsed: ParsedMessage, full: bool = True
+              ) -> tuple:
+    """A :class:`MessageCache` row for a parsed message (SEARCH's folding);
+    without ENVELOPE, BODY and BODYSTRUCTURE unless *full*."""
+    fields = [(name.lower(), raw) for name, raw in parsed.header_fields()]
+    folded = [(name, _clean(fold(decode_header_value(raw)))) for name, raw in fields]
+    columns = []
+    for field in SEARCH_COLUMNS:
+        values = [value for name, value in folded if name == field]
+        columns.append(FIELD_SEP.join(values) if values else None)
+    date_raw = next((raw for name, raw in fields if name == "date"), None)
+    day = header_date(date_raw) if date_raw is not None else None
+    message_id = next((raw for name, raw in fields if name == "message-id"), None)
+    return (uid, base, vsize, *columns,
+            day.isoformat() if day is not None else None,
+            message_id.decode("utf-8", "replace").strip() if message_id is not None else None,
+            FIELD_SEP.join(name + NAME_SEP + value for name, value in folded),
+            parsed.section("HEADER") or b"",
+            parsed.envelope() if full else None,
+            parsed.bodystructure(extensible=False) if full else None,
+            parsed.bodystructure(extensible=True) if full else None)
+
+
+class _ChunkIndex:
+    """:class:`~mailtwist.imap.search.SearchIndex` over the cache rows of one
+    chunk of a SEARCH (a UID range): one SQL query per key and chunk."""
+
+    def __init__(self, cache: MessageCache, part: list[tuple[int, int, Message]]) -> None:
+        self.cache = cache
+        self.low, self.high = part[0][1], part[-1][1]
+        known = cache.known(self.low, self.high)
+        self.valid = {u for _, u, m in part if known.get(u) == base_key(m.info.base)}
+        self._matches: dict[tuple[str, str], set[int]] = {}
+        self._rows: dict[int, CachedMessage] | None = None
+
+    def _usable(self, uid: int, needle: str) -> bool:
+        return uid in self.valid and FIELD_SEP not in needle and NAME_SEP not in needle
+
+    def header_match(self, uid: int, field: str, needle: str) -> bool | None:
+        if not self._usable(uid, needle):
+            return None
+        key = (field, needle)
+        found = self._matches.get(key)
+        if found is None:
+            found = self._matches[key] = self.cache.match_header(field, needle,
+                                                                 self.low, self.high)
+        return uid in found
+
+    def header_text_match(self, uid: int, needle: str) -> bool | None:
+        if not self._usable(uid, needle):
+            return None
+        key = ("", needle)
+        found = self._matches.get(key)
+        if found is None:
+            found = self._matches[key] = self.cache.match_header_text(needle,
+                                                                      self.low, self.high)
+        return uid in found
+
+    def row(self, uid: int) -> CachedMessage | None:
+        if uid not in self.valid:
+            return None
+        if self._rows is None:
+            self._rows = self.cache.get_range(self.low, self.high)
+        return self._rows.get(uid)
+
+    def sent_date(self, uid: int) -> datetime.date | None | bool:
+        row = self.row(uid)
+        if row is None:
+            return False
+        return datetime.date.fromisoformat(row.sent) if row.sent else None
+
+
+class _HeaderOnly:
+    """SEARCH's view of a message whose header block is cached: the body is
+    read only if a BODY or TEXT key needs it."""
+
+    def __init__(self, header: bytes, load: Callable[[], ParsedMessage]) -> None:
+        self._header = ParsedMessage.parse(header)
+        self._load = load
+
+    def header_fields(self) -> list[tuple[str, bytes]]:
+        return self._header.header_fields()
+
+    def text_for_search(self) -> str:
+        return self._load().text_for_search()
+
+
+class _SearchItem:
+    """A message as :func:`mailtwist.imap.search.evaluate` sees it (built in the pool)."""
+
+    __slots__ = ("_index", "_info", "_shared", "flags", "modseq", "recent", "seq", "size",
+                 "uid")
+
+    def __init__(self, seq: int, uid: int, message: Message, recent: bool,
+                 shared: SharedFolder, index: _ChunkIndex | None) -> None:
+        self.seq = seq
+        self.uid = uid
+        self.flags = message.flags
+        self.size = message.info.vsize
+        self.recent = recent
+        self.modseq = message.modseq
+        self._info = message.info
+        self._shared = shared
+        self._index = index
+
+    @property
+    def internaldate(self) -> datetime.datetime:
+        try:
+            stamp = self._info.mtime
+        except OSError:
+            stamp = 0.0
+        return datetime.datetime.fromtimestamp(stamp, datetime.UTC)
+
+    def _load(self) -> ParsedMessage:
+        try:
+            raw = self._shared.read_blocking(self._info)
+        except OSError:
+            raw = b""
+        return ParsedMessage.parse(raw)
+
+    def parsed(self) -> ParsedMessage | _HeaderOnly:
+        row = self._index.row(self.uid) if self._index is not None else None
+        if row is not None:
+            return _HeaderOnly(row.header, self._load)
+        return self._load()
+
+
 def _index_write_blocking(index: ModseqIndex, records: list[tuple]) -> None:
     """Apply pending (kind, uid, modseq[, letters]) records to the index and append them."""
     lines = [index.set(r[1], r[2], r[3]) if r[0] == "+" else index.expunge(r[1], r[2])
@@ -982,6 +1376,34 @@ class FolderRegistry:
         self._folders: weakref.WeakValueDictionary[str, SharedFolder] = (
             weakref.WeakValueDictionary())
         self._recent: OrderedDict[str, SharedFolder] = OrderedDict()
+        self._warm_queue: OrderedDict[str, SharedFolder] = OrderedDict()
+        self._warming: SharedFolder | None = None
+
+    def warm_up(self, shared: SharedFolder) -> None:
+        """Queue a folder for the background cache warm-up. Folders are warmed
+        one after the other, so that many folders with new mail (STATUS of
+        every folder, deliveries) never tie up more than one pool thread."""
+        if shared is self._warming:
+            return
+        self._warm_queue[shared.path] = shared
+        if self._warming is None:
+            self._next_warm_up()
+
+    def _next_warm_up(self) -> None:
+        while self._warm_queue:
+            _, shared = self._warm_queue.popitem(last=False)
+            if shared.gone:
+                continue
+            self._warming = shared
+            d = defer.Deferred.fromCoroutine(shared._warm_up())
+            d.addErrback(lambda f, name=shared.name: log.failure(
+                "filling the message cache of {folder}", f, folder=name))
+            d.addBoth(self._warm_up_done)
+            return
+
+    def _warm_up_done(self, result: object) -> None:
+        self._warming = None
+        self._next_warm_up()
 
     def get(self, maildir: Maildir, name: str) -> SharedFolder:
         """The shared state of folder *name* (validated canonical name) of *maildir*."""
@@ -1006,3 +1428,7 @@ class FolderRegistry:
         """Shared folders at *path* or in Maildir++ subfolders of it (``path.child``)."""
         return [s for key, s in list(self._folders.items())
                 if key == path or key.startswith(path + ".")]
+
+
+RENDERER = _renderer_fingerprint()
+"""Stored with the message cache: rows made by other code are not served."""

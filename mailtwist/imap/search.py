@@ -37,6 +37,13 @@ Decisions where RFC 3501 leaves room (Dovecot is the reference):
 - MODSEQ (RFC 7162) accepts the optional entry name and type and compares
   the message's ``modseq``: per-flag mod-sequences are not kept, so the
   message's own is used, as RFC 7162 section 3.1.5 allows.
+- With a :class:`SearchIndex` (the folder's message cache), header keys
+  (FROM ... SUBJECT, HEADER, the header half of TEXT) and SENT* are answered
+  from it for UTF-8 searches, and no message file is opened for them; a
+  US-ASCII search reads the cached header block instead. Only BODY and TEXT
+  read message files. :func:`evaluate` can run over a mailbox in chunks
+  (``max_seq``/``max_uid`` give ``*``), so the server bounds its memory and
+  the time of each step.
 - Parser leniency: runs of spaces, spaces inside parentheses, keys that touch
   parentheses (``NOT(SEEN)``) and 8-bit octets in quoted strings and atoms.
 """
@@ -75,7 +82,10 @@ __all__ = [
     "SizeKey",
     "TextKey",
     "UnsupportedCharset",
+    "SearchIndex",
     "evaluate",
+    "fold",
+    "header_date",
     "parse_search",
 ]
 
@@ -244,6 +254,24 @@ class SearchableText(Protocol):
 
     def text_for_search(self) -> str:
         """Decoded body text."""
+
+
+class SearchIndex(Protocol):
+    """Header data of the messages being evaluated, kept by the server.
+
+    Each method may answer None for a message it does not know; the
+    evaluator then falls back to ``SearchMessage.parsed()``.
+    """
+
+    def header_match(self, uid: int, field: str, needle: str) -> bool | None:
+        """Whether a field *field* of message *uid* contains *needle* (folded as
+        :func:`fold` does)."""
+
+    def header_text_match(self, uid: int, needle: str) -> bool | None:
+        """Whether the message's ``name: value`` header lines contain *needle*."""
+
+    def sent_date(self, uid: int) -> datetime.date | None | bool:
+        """The day of its Date: field, None without a usable one, False if unknown."""
 
 
 class SearchMessage(Protocol):
@@ -727,6 +755,16 @@ Predicate = Callable[[SearchMessage], bool]
 _COST_CHEAP, _COST_HEADER, _COST_BODY = 1, 20, 100
 
 
+def fold(text: str) -> str:
+    """The canonical caseless form SEARCH compares (for UTF-8 searches)."""
+    return _fold_unicode(text)
+
+
+def header_date(raw: bytes) -> datetime.date | None:
+    """The calendar date of a Date: value in its own zone, or None if unusable."""
+    return _header_date(raw)
+
+
 def _fold_unicode(text: str) -> str:
     """Canonical caseless form: NFC(casefold(NFD(text)))."""
     if text.isascii():
@@ -882,12 +920,15 @@ class _Compiler:
     """Turns a key tree into a predicate, cheapest tests first."""
 
     def __init__(self, charset: str, messages: Sequence[SearchMessage],
-                 max_uid: int | None) -> None:
+                 max_uid: int | None, max_seq: int | None = None,
+                 index: SearchIndex | None = None) -> None:
         self.fold: Callable[[str], str] = (
             _fold_ascii if charset == "US-ASCII" else _fold_unicode)
         self.messages = messages
         self.max_uid = max_uid
+        self.max_seq = max_seq
         self.content = _ContentCache(self.fold)
+        self.index = index if charset != "US-ASCII" else None
 
     def compile(self, key: SearchKey) -> tuple[Predicate, int]:
         """A predicate for ``key`` and a rough cost of running it once."""
@@ -961,7 +1002,8 @@ class _Compiler:
                 star = self.max_uid if self.max_uid is not None else max(
                     (m.uid for m in self.messages), default=0)
             else:
-                star = max((m.seq for m in self.messages), default=0)
+                star = self.max_seq if self.max_seq is not None else max(
+                    (m.seq for m in self.messages), default=0)
             if star <= 0:
                 return lambda m: False
         spans = sorted((min(a, b), max(a, b)) for a, b in (
@@ -982,9 +1024,13 @@ class _Compiler:
     def date(self, key: DateKey) -> tuple[Predicate, int]:
         day, relation = key.date, key.relation
         if key.sent:
-            content = self.content
+            content, index = self.content, self.index
 
             def of(message: SearchMessage) -> datetime.date:
+                if index is not None:
+                    known = index.sent_date(message.uid)
+                    if known is not False:
+                        return known or _internal_date(message)  # type: ignore[return-value]
                 return content.get(message).sent_date()
             cost = _COST_HEADER
         else:
@@ -996,32 +1042,47 @@ class _Compiler:
         return (lambda m: of(m) >= day), cost
 
     def header(self, key: HeaderKey) -> Predicate:
-        field, needle, content = key.field, self.fold(key.text), self.content
+        field, needle, content, index = key.field, self.fold(key.text), self.content, self.index
 
         def match(message: SearchMessage) -> bool:
+            if index is not None:
+                found = index.header_match(message.uid, field, needle)
+                if found is not None:
+                    return found
             return any(needle in value for value in content.get(message).values(field))
         return match
 
     def text(self, key: TextKey) -> Predicate:
-        needle, content = self.fold(key.text), self.content
+        needle, content, index = self.fold(key.text), self.content, self.index
         if key.headers:
             def match(message: SearchMessage) -> bool:
-                found = content.get(message)
-                return needle in found.header_text() or needle in found.body()
+                if index is not None:
+                    found = index.header_text_match(message.uid, needle)
+                    if found:
+                        return True
+                    if found is None and needle in content.get(message).header_text():
+                        return True
+                elif needle in content.get(message).header_text():
+                    return True
+                return needle in content.get(message).body()
             return match
         return lambda m: needle in content.get(m).body()
 
 
 def evaluate(program: SearchProgram, messages: Sequence[SearchMessage],
-             max_uid: int | None = None) -> list[int]:
+             max_uid: int | None = None, max_seq: int | None = None,
+             index: SearchIndex | None = None) -> list[int]:
     """The sequence numbers of the matching ``messages``, ascending.
 
-    ``messages`` is the whole mailbox: ``*`` in a sequence set is its highest
-    sequence number, and in a UID set ``max_uid`` or else its highest UID.
+    ``messages`` is the whole mailbox, or a chunk of it when ``max_seq`` and
+    ``max_uid`` say what ``*`` is (the highest sequence number and UID):
+    otherwise the highest of ``messages``. ``index`` answers header keys
+    without parsing messages (see :class:`SearchIndex`).
     """
     if not messages:
         return []
-    match, _ = _Compiler(program.charset, messages, max_uid).compile(program.root)
+    match, _ = _Compiler(program.charset, messages, max_uid, max_seq,
+                         index).compile(program.root)
     result = [m.seq for m in messages if match(m)]
     result.sort()
     return result

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
-import datetime
 import errno
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -61,6 +59,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailtwist.config import Config
+from mailtwist.filters.mailbox import notify_mailbox
 from mailtwist.imap.account import IMAPAccount, Listing, MailboxError
 from mailtwist.imap.fetch import FetchEntry, FetchItem, parse_fetch_items, render
 from mailtwist.imap.mailbox import (
@@ -73,7 +72,6 @@ from mailtwist.imap.mailbox import (
     canonical_flag,
     flag_announcements,
 )
-from mailtwist.imap.mime import ParsedMessage
 from mailtwist.imap.names import (
     DELIMITER,
     InvalidName,
@@ -84,7 +82,6 @@ from mailtwist.imap.names import (
 from mailtwist.imap.search import (
     SearchSyntaxError,
     UnsupportedCharset,
-    evaluate,
     parse_search,
 )
 from mailtwist.imap.wire import (
@@ -96,6 +93,7 @@ from mailtwist.imap.wire import (
     LineTooLong,
     LiteralTooBig,
     ParseError,
+    Rejected,
     String,
     astring,
     format_sequence_set,
@@ -106,15 +104,18 @@ from mailtwist.imap.wire import (
     split_first_word,
     tokenize,
 )
+from mailtwist.limits import extend_timeout
 from mailtwist.serial import SerialCommands
 from mailtwist.storage.store import MailStore
 from mailtwist.throttle import ensure_throttle, LoginThrottle, LoginThrottled
 
 log = Logger()
 
-PREAUTH_TIMEOUT = 120
+PREAUTH_TIMEOUT = 180
+"""Dovecot's: 3 minutes to log in (config: [limits] imap_login_timeout)."""
 AUTH_TIMEOUT = 31 * 60
-"""RFC 3501 5.4: at least 30 minutes of inactivity before an autologout."""
+"""RFC 3501 5.4: at least 30 minutes of inactivity before an autologout
+(config: [limits] imap_idle_timeout; both constants are its defaults)."""
 MAX_PAUSED_INPUT = 1024 * 1024
 MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
@@ -175,38 +176,6 @@ class _Pacer:
         return self._waiting
 
 
-class SearchItem:
-    """A message as :func:`mailtwist.imap.search.evaluate` sees it (built in the pool)."""
-
-    __slots__ = ("_info", "_shared", "flags", "modseq", "recent", "seq", "size", "uid")
-
-    def __init__(self, seq: int, uid: int, message: Any, recent: bool,
-                 shared: SharedFolder) -> None:
-        self.seq = seq
-        self.uid = uid
-        self.flags = message.flags
-        self.size = message.info.vsize
-        self.recent = recent
-        self.modseq = message.modseq
-        self._info = message.info
-        self._shared = shared
-
-    @property
-    def internaldate(self) -> datetime.datetime:
-        try:
-            stamp = self._info.mtime
-        except FileNotFoundError:
-            stamp = 0.0
-        return datetime.datetime.fromtimestamp(stamp, datetime.UTC)
-
-    def parsed(self) -> ParsedMessage:
-        try:
-            raw = self._shared.read_blocking(self._info)
-        except FileNotFoundError:
-            raw = b""
-        return ParsedMessage.parse(raw)
-
-
 def _flag_arguments(tokens: list[Any]) -> list[str]:
     """Flags of STORE or APPEND: system flags canonical, keywords validated."""
     flags = []
@@ -251,7 +220,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
         self.reactor = reactor
         self.callLater = reactor.callLater
         self.threadpool = threadpool
-        self.timeOut = PREAUTH_TIMEOUT
+        self.timeOut = config.limits.imap_login_timeout
+        self.min_data_rate = config.limits.min_data_rate
+        self._release_session: Callable[[], None] | None = None
         self.append_limit = config.smtp.max_message_size
         self.framer = CommandFramer(append_limit=self.append_limit)
         self.state = "unauth"
@@ -283,6 +254,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
         if sessions is not None:
             sessions.discard(self)
         self.setTimeout(None)
+        release, self._release_session = self._release_session, None
+        if release is not None:
+            release()
         self._unselect()
         logout, self._logout_avatar = self._logout_avatar, None
         if logout is not None:
@@ -290,6 +264,13 @@ class IMAPServer(SerialCommands, IMAP4Server):
 
     def timeoutConnection(self) -> None:
         self._write(b"* BYE Autologout; connection idle too long.")
+        self.transport.loseConnection()
+
+    def shutdown_notice(self) -> None:
+        """The server is stopping (mailtwist/shutdown.py): BYE and close."""
+        if self._disconnected or self.transport is None:
+            return
+        self._write(b"* BYE Server shutting down")
         self.transport.loseConnection()
 
     def _write(self, line: bytes) -> None:
@@ -303,7 +284,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
     def dataReceived(self, data: bytes) -> None:
         if self._disconnected or self.transport.disconnecting:
             return
-        self.resetTimeout()
+        # The idle timer restarts per complete command (handle_command); bytes
+        # only earn credit, so a trickled line or literal is cut (limits.py).
+        extend_timeout(self, len(data) / self.min_data_rate)
         self.framer.feed(data)
         self.run_commands()
 
@@ -311,6 +294,8 @@ class IMAPServer(SerialCommands, IMAP4Server):
         return self.framer.next_event()
 
     def handle_command(self, command: Any) -> defer.Deferred | None:
+        if isinstance(command, Command):
+            self.resetTimeout()
         return self._handle_event(command)
 
     def buffered_input(self) -> int:
@@ -335,6 +320,17 @@ class IMAPServer(SerialCommands, IMAP4Server):
                             % self.append_limit)
             else:
                 self._write(tag + b" BAD Literal too big.")
+        elif isinstance(event, Rejected):
+            handler, self._continuation = self._continuation, None
+            if event.fatal:
+                self._write((event.tag or b"*") + b" BAD " + event.reason.encode() + b".")
+                self._write(b"* BYE Cannot resynchronise with the client.")
+                self.transport.loseConnection()
+            elif handler is not None:
+                # IDLE or AUTHENTICATE waiting for a line: "*" cancels either.
+                return handler([b"*"])
+            else:
+                self._protocol_error(event.tag or b"*", event.reason.encode() + b".")
         elif isinstance(event, LineTooLong):
             self._write(b"* BYE Command line too long.")
             self.transport.loseConnection()
@@ -577,10 +573,22 @@ class IMAPServer(SerialCommands, IMAP4Server):
         if self._disconnected:
             logout()
             return b""
+        limiter = getattr(getattr(self, "factory", None), "limiter", None)
+        if limiter is not None:
+            release = limiter.open_session("imap", avatar.address, self._peer_address())
+            if release is None:
+                logout()
+                log.info("IMAP login {user} from {peer} refused: too many sessions",
+                         user=avatar.address, peer=self.transport.getPeer())
+                self._write(b"* BYE [UNAVAILABLE] Too many connections for this user "
+                            b"from your address.")
+                self.transport.loseConnection()
+                return _NO_REPLY  # type: ignore[return-value]
+            self._release_session = release
         self.account = avatar
         self._logout_avatar = logout
         self.state = "auth"
-        self.setTimeout(AUTH_TIMEOUT)
+        self.setTimeout(self.config.limits.imap_idle_timeout)
         log.info("IMAP login {user} from {peer}", user=avatar.address,
                  peer=self.transport.getPeer())
         return b"[CAPABILITY " + b" ".join(self.capability_list()) + b"] Logged in."
@@ -846,10 +854,10 @@ class IMAPServer(SerialCommands, IMAP4Server):
         return b"[" + mode + b"] " + (b"EXAMINE" if readonly else b"SELECT") + b" completed."
 
     def _select_parameters(self, params: list[Any]
-                           ) -> tuple[int, int, _RangeSet | None] | None:
+                           ) -> tuple[int, int, list[tuple[int | None, int | None]] | None] | None:
         """SELECT's ``(CONDSTORE)`` or ``(QRESYNC (uidvalidity modseq [known-uids
         [seq-match]]))``: the QRESYNC values, if given (seq-match is not needed:
-        every expunged UID is kept)."""
+        the answer is exact, or a superset once the expunge log was trimmed)."""
         resync = None
         i = 0
         while i < len(params):
@@ -867,24 +875,22 @@ class IMAPServer(SerialCommands, IMAP4Server):
                 modseq = _number(values[1], b"mod-sequence")
                 known = None
                 if len(values) >= 3:
-                    known = _RangeSet(parse_sequence_set(values[2]))
+                    known = parse_sequence_set(values[2])
                 resync = (uidvalidity, modseq, known)
                 i += 2
             else:
                 raise Bad(b"Unknown SELECT parameter.")
         return resync
 
-    def _resync_lines(self, view: View, modseq: int, known: _RangeSet | None
-                      ) -> list[bytes]:
+    def _resync_lines(self, view: View, modseq: int,
+                      known: list[tuple[int | None, int | None]] | None) -> list[bytes]:
         """QRESYNC: what changed since *modseq*: VANISHED (EARLIER) (of the
         *known* UID ranges, if given), then FETCH for changed messages."""
         shared = view.shared
         lines = []
-        vanished = shared.vanished_since(modseq)
-        if known is not None:
-            vanished = [u for u in vanished if u in known]
+        vanished = shared.vanished_set(modseq, known)
         if vanished:
-            lines.append(b"* VANISHED (EARLIER) " + format_sequence_set(vanished))
+            lines.append(b"* VANISHED (EARLIER) " + vanished)
         for seq, u in enumerate(view.uids, 1):
             m = shared.messages.get(u)
             if m is not None and m.modseq > modseq:
@@ -923,6 +929,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
             raise No(b"[TRYCREATE] Mailbox does not exist.") from None
         await self.account.check_quota(len(message))
         new_uid = await target.append(message, flags, mtime)
+        if new_uid is not None:
+            notify_mailbox(getattr(self.factory, "mailbox_filters", None), self.account.address,
+                           "append", None, target, [(None, new_uid)])
         if new_uid is None:
             return b"APPEND completed."
         return b"[APPENDUID %d %d] APPEND completed." % (target.uidvalidity, new_uid)
@@ -987,10 +996,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
             items.append(FetchItem(b"MODSEQ", key=b"MODSEQ"))
         if changed_since is not None:
             if vanished:
-                within = _RangeSet(parse_sequence_set(args[0]))
-                gone = [u for u in view.shared.vanished_since(changed_since) if u in within]
+                gone = view.shared.vanished_set(changed_since, parse_sequence_set(args[0]))
                 if gone:
-                    self._write(b"* VANISHED (EARLIER) " + format_sequence_set(gone))
+                    self._write(b"* VANISHED (EARLIER) " + gone)
             uids = [u for u in uids if (m := view.message(u)) is not None
                     and m.modseq > changed_since]
         return await self._fetch(view, uids, items, uid)
@@ -1052,7 +1060,7 @@ class IMAPServer(SerialCommands, IMAP4Server):
                                               m.modseq, u in seen_now))
                 if needs_io:
                     chunks = await deferToThreadPool(self.reactor, self.threadpool,
-                                                     _render_blocking, shared, entries, items,
+                                                     shared.render_blocking, entries, items,
                                                      uid_first)
                 else:
                     chunks = [render(e, items, uid_first, None) for e in entries]
@@ -1148,7 +1156,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
         return target, pairs, view
 
     async def do_COPY(self, tag: bytes, parts: list[bytes], uid: bool) -> bytes:
-        target, pairs, _ = await self._copy(parts, uid)
+        target, pairs, view = await self._copy(parts, uid)
+        notify_mailbox(getattr(self.factory, "mailbox_filters", None), self.account.address,
+                       "copy", view.shared.name, target, pairs)
         if not pairs:
             return b"COPY completed."
         return b"[COPYUID %d %s %s] COPY completed." % (
@@ -1163,6 +1173,8 @@ class IMAPServer(SerialCommands, IMAP4Server):
                 target.uidvalidity, format_sequence_set([s for s, _ in pairs]),
                 format_sequence_set([d for _, d in pairs])))
             await view.shared.expunge([s for s, _ in pairs], view, only_deleted=False)
+            notify_mailbox(getattr(self.factory, "mailbox_filters", None),
+                           self.account.address, "move", view.shared.name, target, pairs)
         return b"MOVE completed."
 
     async def do_SEARCH(self, tag: bytes, parts: list[bytes], uid: bool) -> None:
@@ -1179,8 +1191,7 @@ class IMAPServer(SerialCommands, IMAP4Server):
         await view.shared.refresh()
         uids = list(view.uids)
         messages = [view.message(u) for u in uids]
-        seqs = await deferToThreadPool(self.reactor, self.threadpool, _search_blocking,
-                                       view.shared, uids, messages, set(view.recent), program)
+        seqs = await view.shared.search(program, uids, messages, set(view.recent))
         numbers = [uids[s - 1] for s in seqs] if uid else seqs
         suffix = b""
         if uses_modseq and seqs:
@@ -1244,46 +1255,9 @@ def _number(token: Any, what: bytes) -> int:
     return int(token)
 
 
-class _RangeSet:
-    """A UID set as merged ranges, for membership tests; ``*`` counts as 2**32."""
-
-    def __init__(self, ranges: list[tuple[int | None, int | None]]) -> None:
-        spans = sorted(tuple(sorted((a or 2**32, b or 2**32))) for a, b in ranges)
-        merged: list[list[int]] = []
-        for lo, hi in spans:
-            if merged and lo <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        self._lows = [lo for lo, _ in merged]
-        self._highs = [hi for _, hi in merged]
-
-    def __contains__(self, value: int) -> bool:
-        i = bisect.bisect_right(self._lows, value) - 1
-        return i >= 0 and value <= self._highs[i]
-
-
 def _no_arguments(parts: list[bytes]) -> None:
     if len(parts) > 1 or parts[0].strip():
         raise Bad(b"This command takes no arguments.")
-
-
-def _render_blocking(shared: SharedFolder, entries: list[FetchEntry], items: list[FetchItem],
-                     uid_first: bool) -> list[bytes | None]:
-    out: list[bytes | None] = []
-    for entry in entries:
-        try:
-            out.append(render(entry, items, uid_first, shared.read_blocking))
-        except FileNotFoundError:
-            out.append(None)
-    return out
-
-
-def _search_blocking(shared: SharedFolder, uids: list[int], messages: list[Any],
-                     recent: set[int], program: Any) -> list[int]:
-    items = [SearchItem(seq, u, m, u in recent, shared)
-             for seq, (u, m) in enumerate(zip(uids, messages), 1) if m is not None]
-    return evaluate(program, items, max_uid=uids[-1] if uids else None)
 
 
 STATUS_ITEMS = frozenset({b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN",
@@ -1377,8 +1351,10 @@ class IMAPFactory(protocol.ServerFactory):
     def __init__(self, portal: Portal, config: Config, tls_context: Any = None,
                  implicit_tls: bool = False, reactor: Any = None,
                  threadpool: ThreadPool | None = None, store: MailStore | None = None,
-                 throttle: LoginThrottle | None = None) -> None:
+                 throttle: LoginThrottle | None = None, mailbox_filters: Any = None) -> None:
         self.portal = portal
+        #: the [filters] mailbox chain, told about COPY, MOVE and APPEND
+        self.mailbox_filters = mailbox_filters
         self.config = config
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls

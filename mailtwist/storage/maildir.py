@@ -6,6 +6,17 @@ The on-disk layout and metadata follow Dovecot's conventions
 ``,S=``/``,W=`` sizes in file names) so mailboxes can be migrated between
 mailtwist and Dovecot in both directions.
 
+A corrupted or hostile Maildir must not crash a session nor leak files
+from elsewhere: only regular files in ``new/`` and ``cur/`` are messages
+(symbolic links, directories, FIFOs and sockets there are ignored, as are
+``new``/``cur`` themselves when they are symbolic links), message files are
+opened with ``O_NOFOLLOW`` and must be regular files, folder directories that
+are symbolic links are not folders, delivery never writes through a ``tmp``,
+``new`` or ``cur`` that is a symbolic link, and a file that cannot be read is sized
+from its ``stat`` instead of failing the scan. UIDs come from the uidlist's
+next-UID counter, never from the clock, so they keep growing when the clock
+goes back.
+
 Every method blocks; the protocol layers call them through ``deferToThread``.
 Updates of shared metadata are serialised by a per-folder ``threading.Lock``
 inside this process and by the dotlock between processes.
@@ -22,6 +33,7 @@ import pathlib
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -249,11 +261,28 @@ def _write_atomic(path: pathlib.Path, data: bytes, lock: _DotLock | None = None)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_OPEN_MESSAGE = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | _O_CLOEXEC)
+
+
+def _open_regular(path: os.PathLike[str] | str) -> BinaryIO:
+    """Open a message file for reading: never through a symbolic link, and only
+    if it is a regular file (a FIFO would block, a device leak)."""
+    fd = os.open(path, _OPEN_MESSAGE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _file_sizes(path: pathlib.Path) -> tuple[int, int]:
     """Return (on-disk size, size with every line ending as CRLF) by reading the file."""
     size = lf = crlf = 0
     prev_cr = False
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         while chunk := f.read(1 << 20):
             size += len(chunk)
             lf += chunk.count(b"\n")
@@ -340,11 +369,24 @@ _SIZE_FIELD = re.compile(r",S=([0-9]+)(?=,|$)")
 _VSIZE_FIELD = re.compile(r",W=([0-9]+)(?=,|$)")
 
 
+_BOTH_SIZES = re.compile(r",S=([0-9]+),W=([0-9]+)$")
+
+
 def _name_sizes(base: str) -> tuple[int | None, int | None]:
     """Read the ``,S=`` and ``,W=`` fields of a base name, if present."""
+    both = _BOTH_SIZES.search(base)
+    if both is not None:  # the usual layout, one search instead of two
+        return int(both[1]), int(both[2])
     size = _SIZE_FIELD.search(base)
     vsize = _VSIZE_FIELD.search(base)
     return (int(size[1]) if size else None, int(vsize[1]) if vsize else None)
+
+
+def _sizes_in_name(base: str) -> bool:
+    """Whether the base name carries both sizes (``,S=`` and ``,W=`` with digits)."""
+    if ",S=" not in base or ",W=" not in base:
+        return False
+    return _BOTH_SIZES.search(base) is not None or None not in _name_sizes(base)
 
 
 def _ext_sizes(ext: tuple[str, ...]) -> tuple[int | None, int | None]:
@@ -689,12 +731,12 @@ class MessageInfo:
         value = self._mtime
         if value is None:
             try:
-                value = os.stat(self.path).st_mtime
+                value = os.lstat(self.path).st_mtime
             except FileNotFoundError:
                 moved = _find_message(self.folder_path, self.base)
                 if moved is None:
                     raise
-                value = os.stat(moved).st_mtime
+                value = os.lstat(moved).st_mtime
             object.__setattr__(self, "_mtime", value)
         return value
 
@@ -709,6 +751,7 @@ class Folder:
         self._uidlist_path = path / UIDLIST_NAME
         self._state: _UidList | None = None
         self._computed_sizes: dict[str, tuple[int, int]] = {}
+        self._guessed_sizes: set[str] = set()
         self._infos: dict[str, MessageInfo] = {}
         self._snapshot: tuple[_UidList, _Listing, list[MessageInfo]] | None = None
 
@@ -738,18 +781,30 @@ class Folder:
     def _list(self) -> _Listing:
         """Map base name -> (subdir, file name) for every message, listing new/ before cur/.
 
-        Plain listdir, no per-file stat: new/ and cur/ hold only message files.
+        No per-file stat: the directory entry's type says what is a regular
+        file (anything else, symbolic links included, is skipped), and a
+        ``new``/``cur`` that is itself a symbolic link is not read.
         """
         found: _Listing = {}
         for sub in ("new", "cur"):
+            path = self.path / sub
             try:
-                names = os.listdir(self.path / sub)
-            except FileNotFoundError:
+                it = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            for name in names:
-                if name[0] == "." or "\n" in name or "\r" in name:
+            with it:
+                if os.path.islink(path):
+                    _log.warn("Ignoring {path}: a symbolic link", path=str(path))
                     continue
-                found[name.partition(":")[0]] = (sub, name)
+                try:
+                    names = [e.name for e in it if e.is_file(follow_symlinks=False)]
+                except OSError as e:
+                    _log.warn("Cannot list {path}: {error}", path=str(path), error=e)
+                    continue
+                for name in names:
+                    if name[0] == "." or "\n" in name or "\r" in name:
+                        continue
+                    found[name.partition(":")[0]] = (sub, name)
         return found
 
     def _load_uidlist(self, verify: bool = False) -> _UidList | None:
@@ -804,7 +859,7 @@ class Folder:
         records = state.records if state is not None else {}
         needs_write = False
         for base, (sub, name) in list(listing.items()):
-            if ",S=" in base and ",W=" in base:
+            if _sizes_in_name(base):
                 continue
             ext = records.get(base, (0, ()))[1]
             ext_size, ext_vsize = _ext_sizes(ext)
@@ -816,14 +871,29 @@ class Folder:
                 continue
             path = self.path / sub / name
             try:
-                self._computed_sizes[base] = _file_sizes(path)
-            except FileNotFoundError:
-                moved = _find_message(self.path, base)
-                if moved is None:
+                try:
+                    self._computed_sizes[base] = _file_sizes(path)
+                except FileNotFoundError:
+                    moved = _find_message(self.path, base)
+                    if moved is None:
+                        del listing[base]
+                        continue
+                    listing[base] = (moved.parent.name, moved.name)
+                    path = moved
+                    self._computed_sizes[base] = _file_sizes(moved)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError):
                     del listing[base]
                     continue
-                listing[base] = (moved.parent.name, moved.name)
-                self._computed_sizes[base] = _file_sizes(moved)
+                # Unreadable (permissions, not a regular file any more): size
+                # it from lstat for now and do not record that in the uidlist.
+                _log.warn("Cannot read {path}: {error}", path=str(path), error=e)
+                try:
+                    size = os.lstat(path).st_size
+                except OSError:
+                    size = 0
+                self._computed_sizes[base] = (size, size)
+                self._guessed_sizes.add(base)
         return needs_write
 
     def scan(self) -> list[MessageInfo]:
@@ -887,7 +957,7 @@ class Folder:
             if base not in listing:
                 changed = True
                 continue
-            if ",S=" not in base or ",W=" not in base:
+            if not _sizes_in_name(base):
                 ext = self._cache_sizes_in_ext(base, record[1])
                 if ext != record[1]:
                     record = (record[0], ext)
@@ -896,26 +966,29 @@ class Folder:
 
         arrivals = []
         mtimes: dict[str, float] = {}
-        folder_dir = os.fspath(self.path)
+        folder_dir = os.fspath(self.path) + os.sep
         for base, (sub, name) in list(listing.items()):
             if base in records:
                 continue
             try:
-                st = os.stat(os.path.join(folder_dir, sub, name))
+                st = os.lstat(folder_dir + sub + os.sep + name)
             except FileNotFoundError:
                 moved = _find_message(self.path, base)
-                if moved is None:
+                try:
+                    if moved is None:
+                        raise FileNotFoundError(base)
+                    st = os.lstat(moved)
+                except FileNotFoundError:
                     del listing[base]
                     continue
                 listing[base] = (moved.parent.name, moved.name)
-                st = os.stat(moved)
             mtimes[base] = st.st_mtime
             arrivals.append((st.st_mtime_ns, listing[base][1], base))
         arrivals.sort()
         nextuid = state.nextuid
         for _, _, base in arrivals:
             ext: tuple[str, ...] = ()
-            if ",S=" not in base or ",W=" not in base:
+            if not _sizes_in_name(base):
                 ext = self._cache_sizes_in_ext(base, ext)
             records[base] = (nextuid, ext)
             nextuid += 1
@@ -930,7 +1003,7 @@ class Folder:
     def _cache_sizes_in_ext(self, base: str, ext: tuple[str, ...]) -> tuple[str, ...]:
         """Return ext with S/W fields added from computed sizes, as Dovecot stores them."""
         computed = self._computed_sizes.get(base)
-        if computed is None:
+        if computed is None or base in self._guessed_sizes:
             return ext
         ext_size, ext_vsize = _ext_sizes(ext)
         if ext_size is not None and ext_vsize is not None:
@@ -1012,6 +1085,10 @@ class Folder:
         dest_dir = self.path / ("cur" if letters else "new")
         suffix = f":2,{letters}" if letters else ""
 
+        for directory in (tmp_dir, dest_dir):
+            if os.path.islink(directory):
+                # Never write through a link planted in the Maildir.
+                raise OSError(errno.ELOOP, "a symbolic link is in the way", str(directory))
         base = _unique_base(hostname, size, vsize)
         tmp_path = tmp_dir / base
         open_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
@@ -1102,11 +1179,14 @@ class Folder:
         return moved
 
     def open_message(self, info: MessageInfo) -> BinaryIO:
-        """Open the message's raw on-disk bytes for streaming."""
+        """Open the message's raw on-disk bytes for streaming.
+
+        Never through a symbolic link, and only a regular file (OSError else).
+        """
         try:
-            return open(info.path, "rb")
+            return _open_regular(info.path)
         except FileNotFoundError:
-            return open(self._locate(info), "rb")
+            return _open_regular(self._locate(info))
 
     def read_message(self, info: MessageInfo) -> bytes:
         """Return the raw on-disk bytes (normally LF line endings)."""
@@ -1288,6 +1368,9 @@ class Maildir:
 
     def _make_folder(self, path: pathlib.Path, exist_ok: bool) -> None:
         """Create a Maildir++ folder directory with cur/new/tmp and maildirfolder."""
+        if path.is_symlink():
+            # Never create anything through a link planted in the Maildir.
+            raise FileExistsError(errno.EEXIST, "a symbolic link is in the way", str(path))
         created = _mkdir(path)
         if not created and not exist_ok:
             raise FileExistsError(errno.EEXIST, "folder already exists", str(path))
@@ -1311,6 +1394,8 @@ class Maildir:
         canonical, path = self._resolve(name)
         if canonical == "INBOX":
             self.ensure()
+        elif path.is_symlink():
+            raise FolderNotFound(canonical)
         elif not path.is_dir():
             if canonical not in SPECIAL_FOLDERS:
                 raise FolderNotFound(canonical)
@@ -1362,7 +1447,7 @@ class Maildir:
         with it:
             for entry in it:
                 canonical = _decode_dir_name(entry.name)
-                if canonical is not None and entry.is_dir():
+                if canonical is not None and entry.is_dir(follow_symlinks=False):
                     yield canonical, self.root / entry.name
 
     def list_folders(self) -> list[str]:
@@ -1445,10 +1530,15 @@ class Maildir:
                     for entry in it:
                         if entry.name.startswith("."):
                             continue
+                        try:
+                            if not entry.is_file(follow_symlinks=False):
+                                continue
+                        except OSError:
+                            continue
                         size = _name_sizes(entry.name.partition(":")[0])[0]
                         if size is None:
                             try:
-                                size = entry.stat().st_size
+                                size = entry.stat(follow_symlinks=False).st_size
                             except FileNotFoundError:
                                 continue
                         total += size
