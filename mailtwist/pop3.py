@@ -728,6 +728,10 @@ class POP3Server(SerialCommands, POP3):
     def _read_failed(self, failure: Failure) -> None:
         if failure.check(FileNotFoundError):
             self.failResponse(b"Message is no longer available.")
+        elif failure.check(PermissionError, IsADirectoryError):
+            # A damaged store, not a bug: one line for the operator, no traceback.
+            log.error("POP3 cannot read a message: {error}", error=failure.getErrorMessage())
+            self.failResponse(TEMP_FAILURE)
         else:
             log.failure("POP3 message read failed", failure)
             self.failResponse(TEMP_FAILURE)
