@@ -229,7 +229,42 @@ class LimitedFactory(protocol.Factory):
             release()
             return None
         _release_on_close(proto, release)
+        _no_delay_on_connect(proto)
         return proto
+
+
+def _no_delay_on_connect(proto: protocol.Protocol) -> None:
+    """Turn Nagle's algorithm off for *proto*'s TCP connection when it is made.
+
+    Our replies are often written in more than one reactor turn (untagged IMAP
+    responses, then the tagged one after a thread-pool job); with Nagle on,
+    the second segment waits for the client's delayed ACK (40 ms on Linux) and
+    a client doing one command at a time gets ~25 commands/s. Dovecot and
+    Postfix avoid the same stall with TCP_NODELAY/TCP_CORK.
+    """
+    made = proto.makeConnection
+
+    def make_connection(transport: Any) -> None:
+        set_no_delay(transport)
+        made(transport)
+
+    proto.makeConnection = make_connection  # type: ignore[method-assign]
+
+
+def set_no_delay(transport: Any) -> bool:
+    """TCP_NODELAY on the TCP connection under *transport* (through TLS wrappers)."""
+    for _ in range(4):
+        if transport is None:
+            return False
+        setter = getattr(transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+                return True
+            except OSError:
+                return False
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def _release_on_close(proto: protocol.Protocol, release: Callable[[], None]) -> None:

@@ -560,3 +560,65 @@ class ChunkedSearchTests(unittest.TestCase):
         found = yield defer.Deferred.fromCoroutine(
             shared.search(parse_search(b"7:*"), uids, messages, set()))
         self.assertEqual(found, [7])
+
+
+class ScanCountingFolder(mailbox_module.SharedFolder):
+    """A real SharedFolder that counts the full scans it makes."""
+
+    scans = 0
+
+    def _scan_blocking(self, force):
+        result = super()._scan_blocking(force)
+        if result is not None:
+            type(self).scans += 1
+        return result
+
+
+class RefreshSharingTests(unittest.TestCase):
+    """Sessions busy on one folder share scans (issue 7: stay-logged-in load)."""
+
+    def setUp(self):
+        self.patch(mailbox_module, "WARM_UP", False)
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.maildir = Maildir(self.mktemp())
+        for i in range(3):
+            self.maildir.deliver(b"Subject: %d\r\n\r\nx\r\n" % i)
+        registry = mailbox_module.FolderRegistry(reactor, self.pool)
+        self.shared = ScanCountingFolder(registry, self.maildir, "INBOX",
+                                         str(self.maildir.folder_path("INBOX")))
+        ScanCountingFolder.scans = 0
+
+    def refresh(self, force=False):
+        return defer.Deferred.fromCoroutine(self.shared.refresh(force))
+
+    @defer.inlineCallbacks
+    def test_waiting_refreshes_share_one_scan(self):
+        """Guards the coalescing: refreshes queued behind a running one do not
+        each rescan; a scan that started after them has seen everything."""
+        yield self.refresh()
+        self.assertEqual(ScanCountingFolder.scans, 1)
+        self.maildir.deliver(b"Subject: new\r\n\r\nx\r\n")
+        yield self.shared.lock.acquire()
+        waiting = [self.refresh() for _ in range(5)]
+        self.shared.lock.release()
+        yield defer.gatherResults(waiting)
+        self.assertEqual(ScanCountingFolder.scans, 2)
+        self.assertEqual(len(self.shared.uids), 4)
+
+    @defer.inlineCallbacks
+    def test_own_store_needs_no_rescan_but_other_changes_are_seen(self):
+        """Guards the own-change stamp: after our STORE the next refresh does not
+        rescan; a change by another program afterwards is still noticed."""
+        yield self.refresh()
+        uid = self.shared.uids[0]
+        yield defer.Deferred.fromCoroutine(
+            self.shared.store([uid], "add", ["\\Flagged"], origin=None))
+        scans = ScanCountingFolder.scans
+        yield self.refresh()
+        self.assertEqual(ScanCountingFolder.scans, scans)
+        self.maildir.deliver(b"Subject: from outside\r\n\r\nx\r\n")
+        yield self.refresh()
+        self.assertEqual(ScanCountingFolder.scans, scans + 1)
+        self.assertEqual(len(self.shared.uids), 4)

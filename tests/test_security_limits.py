@@ -583,3 +583,44 @@ class CapTests(ServerMixin, unittest.TestCase):
         code, text = yield self.in_thread(check)
         self.assertEqual(code, 421)
         self.assertIn(b"too many connections from 127.0.0.1", text)
+
+
+class NoDelayTests(ServerMixin, unittest.TestCase):
+    """Replies are not held back by Nagle's algorithm (issue 7: command latency)."""
+
+    def setUp(self):
+        return self.start_server()
+
+    @defer.inlineCallbacks
+    def test_accepted_connections_have_tcp_nodelay(self):
+        """Guards TCP_NODELAY on plain and implicit-TLS listeners: without it a
+        reply written in two reactor turns waits for the client's delayed ACK."""
+        from mailtwist.limits import set_no_delay
+
+        seen = []
+        for role in ("imap", "smtp", "imaps"):
+            factory = self.server.listeners[role][0].factory
+            build = factory.buildProtocol
+
+            def buildProtocol(addr, build=build):
+                proto = build(addr)
+                made = proto.makeConnection
+
+                def make(transport, made=made):
+                    made(transport)
+                    tcp = transport
+                    while not hasattr(tcp, "getTcpNoDelay"):
+                        tcp = tcp.transport
+                    seen.append(bool(tcp.getTcpNoDelay()))
+                proto.makeConnection = make
+                return proto
+            factory.buildProtocol = buildProtocol
+
+        def connect() -> None:
+            imaplib.IMAP4("127.0.0.1", self.port("imap")).logout()
+            smtplib.SMTP("127.0.0.1", self.port("smtp")).quit()
+            imaplib.IMAP4_SSL("127.0.0.1", self.port("imaps"),
+                              ssl_context=client_tls_context()).logout()
+        yield self.in_thread(connect)
+        self.assertEqual(seen, [True, True, True])
+        self.assertFalse(set_no_delay(None))

@@ -279,6 +279,12 @@ class SharedFolder:
         self._loaded = False
         self._stamp: tuple | None = None
         self._trusted = False
+        self._scans_started = 0
+        # The last change of the Maildir was ours (STORE, EXPUNGE, the move
+        # to cur/): _stamp was taken after it, so equal times need no rescan
+        # until they are old enough to verify once (see _scan_blocking).
+        self._own = False
+        self._own_change = False
         self._idlers = 0
         self._poller: LoopingCall | None = None
 
@@ -299,6 +305,10 @@ class SharedFolder:
             return await function(*args)
         finally:
             try:
+                if self._own_change and not self.gone:
+                    self._own_change = False
+                    self._stamp = (await self._run(self._dir_stamp))[0]
+                    self._trusted, self._own = False, True
                 await self._flush_index()
             finally:
                 self.lock.release()
@@ -358,8 +368,16 @@ class SharedFolder:
         """Rescan if anything changed (or *force*); diff against the shared state."""
         folder = self._open_blocking()
         stamp, trusted = self._dir_stamp()
-        if not force and self._loaded and self._trusted and stamp == self._stamp:
-            return None
+        if not force and self._loaded and stamp == self._stamp:
+            if self._trusted:
+                return None
+            # Times this fresh could hide another process's change made in
+            # the same clock tick, so they are not trusted, except right after
+            # our own change: then one scan verifies them once they are older
+            # than MTIME_SLACK. Busy sessions on one folder do not rescan it
+            # after each other's STOREs.
+            if self._own and not trusted:
+                return None
         if not os.path.isdir(self.path):
             raise FolderNotFound(self.name)
         infos = folder.scan()
@@ -412,10 +430,25 @@ class SharedFolder:
         result.index_gone = [uid for uid in known if uid not in present]
 
     async def refresh(self, force: bool = False) -> None:
-        """Bring the shared state up to date with the Maildir (cheap if nothing changed)."""
-        await self._locked(self._refresh_locked, force)
+        """Bring the shared state up to date with the Maildir (cheap if nothing changed).
+
+        Refreshes that wait for the lock together share one scan: a scan that
+        *started* after this call was made has seen every change made before
+        it, so when one ran while we waited there is nothing left to do.
+        Without this, sessions busy on one folder rescan it once each after
+        every change (RFC 3501 only asks that a command sees what was done
+        before it).
+        """
+        ticket = self._scans_started
+        await self._locked(self._refresh_if_needed, ticket, force)
+
+    async def _refresh_if_needed(self, ticket: int, force: bool) -> None:
+        if not force and self._scans_started > ticket:
+            return
+        await self._refresh_locked(force)
 
     async def _refresh_locked(self, force: bool = False) -> ScanResult | None:
+        self._scans_started += 1
         try:
             result = await self._run(self._scan_blocking, force)
         except FolderNotFound:
@@ -483,6 +516,7 @@ class SharedFolder:
         self.uidvalidity = result.uidvalidity
         self.uidnext = max(result.uidnext, self.uidnext if not result.reset else 0)
         self._stamp, self._trusted = result.stamp, result.trusted
+        self._own = False
         self._loaded = True
         if arrived and log_changes:
             self._assign_recent(arrived)
@@ -625,6 +659,7 @@ class SharedFolder:
         infos = [m.info for uid in uids if (m := self.messages.get(uid)) is not None
                  and m.info.subdir == "new"]
         moved = await self._run(self._move_blocking, infos)
+        self._own_change = True
         for info in moved:
             m = self.messages.get(info.uid)
             if m is not None:
@@ -667,6 +702,7 @@ class SharedFolder:
         if not targets:
             return modified
         keywords, updated = await self._run(self._store_blocking, targets, mode, flags)
+        self._own_change = True
         if keywords != self.keywords:
             self.keywords = keywords
             self.codec = FlagCodec(keywords)
@@ -755,6 +791,7 @@ class SharedFolder:
         except OSError:
             await self._refresh_locked(force=True)
             raise
+        self._own_change = True
         for i, m in enumerate(doomed):
             if self.messages.pop(m.uid, None) is not None:
                 self._record(EXPUNGE, m, origin)
