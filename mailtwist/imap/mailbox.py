@@ -1225,10 +1225,26 @@ class View:
         return lines
 
     def flag_list(self, message: Message) -> bytes:
-        flags = sorted(message.flags)
-        if message.uid in self.recent:
-            flags.append("\\Recent")
-        return b"(" + " ".join(flags).encode("utf-8", "replace") + b")"
+        return _flag_list(message.flags, message.uid in self.recent)
+
+
+_FLAG_LISTS: dict[tuple[frozenset[str], bool], bytes] = {}
+
+
+def _flag_list(flags: frozenset[str], recent: bool) -> bytes:
+    """``(\\Seen kw)`` as sent on the wire; the same few flag sets recur across a
+    folder, so `UID FETCH 1:* (FLAGS)` of 100,000 messages formats each once."""
+    key = (flags, recent)
+    found = _FLAG_LISTS.get(key)
+    if found is None:
+        names = sorted(flags)
+        if recent:
+            names.append("\\Recent")
+        found = b"(" + " ".join(names).encode("utf-8", "replace") + b")"
+        if len(_FLAG_LISTS) >= 4096:
+            _FLAG_LISTS.clear()
+        _FLAG_LISTS[key] = found
+    return found
 
 
 def _merge_ranges(ranges: list[tuple[int | None, int | None]], top: int
