@@ -273,8 +273,8 @@ class FilterContext:
     name (the authserv-id of Authentication-Results, the greeting name), a
     private directory for persistent state (``data_dir/filters/<name>``,
     created on first use by the filter), the DNS servers of ``[outbound]``
-    (``host:port`` strings; empty means the system resolver), the reactor and
-    a thread pool for blocking work."""
+    (``host:port`` strings; empty means the system resolver), the reactor, a
+    thread pool for blocking work and the number of worker processes."""
 
     hostname: str
     state_dir: Any
@@ -282,6 +282,9 @@ class FilterContext:
     dns_timeout: float = 10.0
     reactor: Any = None
     threadpool: Any = None
+    #: Server processes sharing the listeners (``workers``): above 1, state a
+    #: filter keeps in memory is per process, so shared state belongs in state_dir.
+    workers: int = 1
 
 
 @dataclass(frozen=True)

@@ -262,3 +262,61 @@ client_connections = 30
         self.assertEqual(code, 1)
         self.assertEqual(len(err.splitlines()), 1, err)
         self.assertIn("filters.greylist.delay: must be 0 or more", err)
+
+
+class SharedWorkersTests(unittest.TestCase):
+    """With workers = N the limits hold for the server, not per process."""
+
+    def setUp(self):
+        from twisted.python.threadpool import ThreadPool
+
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.state_dir = self.mktemp()
+
+    def build(self, **settings) -> RateLimitFilter:
+        """One process's filter: its own memory, the shared state directory."""
+        context = FilterContext("mx.example.test", self.state_dir, reactor=self.clock,
+                                threadpool=self.pool, workers=2)
+        flt = ratelimit.build(settings, context)
+        flt.threads_reactor = reactor
+        return flt
+
+    @defer.inlineCallbacks
+    def test_two_processes_share_the_count(self):
+        """Guards the cross-process limit: connections counted by two filter
+        instances (as in two workers) add up; the window still moves on."""
+        first = self.build(client_connections=3, client_window=60)
+        second = self.build(client_connections=3, client_window=60)
+        self.assertIsNotNone(first.shared)
+        session = FilterSession(role="smtp", peer_host="192.0.2.7")
+        verdicts = []
+        for flt in (first, second, first, second):
+            verdicts.append((yield defer.maybeDeferred(flt.connect, session)))
+        self.assertEqual(verdicts[:3], [CONTINUE] * 3)
+        self.assertEqual(verdicts[3].code, 421)
+        self.assertIn("client [192.0.2.7]", verdicts[3].text)
+        self.clock.advance(61)
+        self.assertIs((yield defer.maybeDeferred(second.connect, session)), CONTINUE)
+
+    @defer.inlineCallbacks
+    def test_refused_event_counts_in_no_limit(self):
+        """Guards the one-transaction check: a message refused by the sender limit
+        is not counted against the client limit either."""
+        flt = self.build(client_messages=2, sender_messages=1)
+        session = FilterSession(role="smtp", peer_host="192.0.2.8")
+        self.assertIs((yield defer.maybeDeferred(flt.mail_from, session, "a@x.test")),
+                      CONTINUE)
+        refused = yield defer.maybeDeferred(flt.mail_from, session, "a@x.test")
+        self.assertEqual(refused.code, 450)
+        self.assertIs((yield defer.maybeDeferred(flt.mail_from, session, "b@x.test")),
+                      CONTINUE)
+
+    def test_one_worker_keeps_memory(self):
+        """Guards the default: a single process counts in memory (no file)."""
+        context = FilterContext("mx.example.test", self.state_dir, reactor=self.clock,
+                                threadpool=self.pool)
+        self.assertIsNone(ratelimit.build({"client_connections": 1}, context).shared)

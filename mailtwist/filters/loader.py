@@ -68,7 +68,8 @@ def filter_context(config: Config, name: str, reactor=None, threadpool=None) -> 
                          state_dir=config.data_dir / "filters" / name,
                          dns_servers=tuple(config.outbound.dns_servers),
                          dns_timeout=config.outbound.dns_timeout,
-                         reactor=reactor, threadpool=threadpool)
+                         reactor=reactor, threadpool=threadpool,
+                         workers=getattr(config, "workers", 1))
 
 
 def build_chains(config: Config, clock=None, threadpool=None) -> dict[str, FilterChain]:

@@ -9,16 +9,24 @@ its rate drops below the limit.  Windows are *sliding* (the events of the last
 Time comes from the reactor clock.  Memory is bounded: each table keeps at
 most ``max_keys`` keys, evicting the least recently used, and a key whose
 events are all older than the window is dropped.  See docs/builtin-filters.md.
+
+With ``workers = N`` (N > 1) the events are counted in one SQLite file in the
+filter's state directory (:class:`SharedEvents`) instead of memory, so the
+limits hold for the server as a whole, not per process.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import sqlite3
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailtwist.filters import Filter, FilterConfigError, FilterFactory
@@ -90,6 +98,64 @@ class Counter:
         return len(stale)
 
 
+class SharedEvents:
+    """The events of every limit in one SQLite file that the worker processes share.
+
+    One event is checked against all its limits and recorded in a single
+    ``BEGIN IMMEDIATE`` transaction, so two processes cannot both take the last
+    slot. Losing this file in a crash only forgets recent events, so it is not
+    fsynced (``synchronous = OFF``). Blocking: call it in a thread.
+    """
+
+    def __init__(self, path: str, max_window: float) -> None:
+        self.path = path
+        self.max_window = max_window
+        self._local = threading.local()
+        self._next_purge = 0.0
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS events "
+                       "(name TEXT NOT NULL, key TEXT NOT NULL, ts REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS events_by_key ON events (name, key, ts)")
+            self._local.db = db
+        return db
+
+    def check(self, wanted: list[tuple[str, str, int, float, bool]], now: float) -> int | None:
+        """Record one event for each (limit name, key, limit, window, sliding) if all
+        fit; else record nothing and return the index of the first that is full."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for i, (name, key, limit, window, sliding) in enumerate(wanted):
+                if sliding:
+                    query = "SELECT COUNT(*) FROM events WHERE name=? AND key=? AND ts>?"
+                    since = now - window
+                else:
+                    query = "SELECT COUNT(*) FROM events WHERE name=? AND key=? AND ts>=?"
+                    since = now - (now % window)
+                (count,) = db.execute(query, (name, key, since)).fetchone()
+                if count + 1 > limit:
+                    db.execute("ROLLBACK")
+                    return i
+            db.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                           [(name, key, now) for name, key, *_ in wanted])
+            if now >= self._next_purge:
+                self._next_purge = now + 60
+                db.execute("DELETE FROM events WHERE ts < ?", (now - self.max_window,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return None
+
+
 @dataclass(frozen=True)
 class Limit:
     """One configured limit: the setting's name, what it counts and its counter."""
@@ -106,9 +172,13 @@ class RateLimitFilter(Filter):
     name = "ratelimit"
 
     def __init__(self, limits: Sequence[Limit], trusted: Sequence[IPNetwork] = (),
-                 ipv6_prefix: int = 64, reactor=None) -> None:
+                 ipv6_prefix: int = 64, reactor=None, shared: SharedEvents | None = None,
+                 threadpool=None, threads_reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        self.shared = shared
+        self.threadpool = threadpool
+        self.threads_reactor = threads_reactor if threads_reactor is not None else reactor
         self.limits = list(limits)
         self.trusted = tuple(trusted)
         self.ipv6_prefix = ipv6_prefix
@@ -141,6 +211,8 @@ class RateLimitFilter(Filter):
                 "sender": None}
         if sender is not None:
             keys["sender"] = sender.lower() or "<>"
+        if self.shared is not None:
+            return self._check_shared(keys, what, code, now)
         counted = []
         for limit in self.limits:
             key = keys[limit.who]
@@ -151,6 +223,26 @@ class RateLimitFilter(Filter):
                 return self._refuse(limit, key, code)
             counted.append((limit, key))
         return CONTINUE
+
+    def _check_shared(self, keys: dict, what: str, code: int, now: float):
+        """Like the in-memory check, in the SharedEvents file (a Deferred)."""
+        applicable = [(limit, keys[limit.who]) for limit in self.limits
+                      if limit.what == what and keys[limit.who] is not None
+                      and limit.counter.limit]
+        if not applicable:
+            return CONTINUE
+        wanted = [(limit.setting, key, limit.counter.limit, limit.counter.window,
+                   limit.counter.sliding) for limit, key in applicable]
+        d = deferToThreadPool(self.threads_reactor, self.threadpool, self.shared.check,
+                              wanted, now)
+
+        def decided(full: int | None):
+            if full is None:
+                return CONTINUE
+            limit, key = applicable[full]
+            return self._refuse(limit, key, code)
+
+        return d.addCallback(decided)
 
     @staticmethod
     def _undo(counted: list, now: float) -> None:
@@ -214,11 +306,17 @@ def _build(settings: dict[str, Any], context: Any = None) -> RateLimitFilter:
                     Counter(settings[setting], float(settings[window]), sliding,
                             settings["max_keys"]))
               for setting, what, who, window in _LIMITS if settings[setting]]
+    shared = None
+    threadpool = getattr(context, "threadpool", None)
+    if getattr(context, "workers", 1) > 1 and threadpool is not None:
+        longest = max((limit.counter.window for limit in limits), default=60.0)
+        shared = SharedEvents(os.path.join(str(context.state_dir), "events.sqlite"), longest)
     return RateLimitFilter(limits,
                            trusted=parse_networks("trusted_networks",
                                                   settings["trusted_networks"]),
                            ipv6_prefix=settings["ipv6_prefix"],
-                           reactor=getattr(context, "reactor", None))
+                           reactor=getattr(context, "reactor", None),
+                           shared=shared, threadpool=threadpool)
 
 
 ratelimit = FilterFactory(
