@@ -115,6 +115,12 @@ class BcryptChecker:
         self.cache.add(username, password, password_hash)
         return address
 
+    def _dummy_hash(self) -> bytes:
+        """DUMMY_HASH at the cost new passwords get (``bcrypt_rounds``), so that an
+        unknown or disabled user costs the same bcrypt work as a wrong password."""
+        rounds = getattr(self.directory, "bcrypt_rounds", 12)
+        return b"$2b$%02d$" % rounds + DUMMY_HASH[7:]
+
     def _verify(self, username: str, password: str) -> tuple[str, bytes]:
         """(address, the hash the password matched) or UnauthorizedLogin; the
         cache keys on that very hash, so a concurrent password change can't
@@ -125,7 +131,7 @@ class BcryptChecker:
         except Exception:
             account = None
         usable = account is not None and account.enabled
-        password_hash = account.password_hash if usable else DUMMY_HASH
+        password_hash = account.password_hash if usable else self._dummy_hash()
         matched = check_password(password, password_hash)
         if usable and matched:
             return account.address, password_hash

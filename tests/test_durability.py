@@ -110,6 +110,42 @@ class FsyncBeforeReplyTests(ServerMixin, unittest.TestCase):
         self.assertLess(dir_sync, reply, events)
 
 
+class AllOrNothingTests(ServerMixin, unittest.TestCase):
+    """Item 4: several local recipients, one of them unwritable."""
+
+    @defer.inlineCallbacks
+    def test_no_250_unless_stored_for_every_recipient(self):
+        """Guards item 4: with three local recipients and the middle one's tmp/
+        unusable, DATA gets 4xx and the copies already written for the others
+        are removed (a retry must not duplicate them); once the Maildir is
+        repaired the same server stores exactly one copy for each."""
+        yield self.start_server(accounts=("alice", "bob", "carol"))
+        recipients = [f"{name}@{DOMAIN}" for name in ("alice", "bob", "carol")]
+        tmp = self.server.store.maildir(recipients[1]).root / "tmp"
+        tmp.rmdir()
+        tmp.write_text("not a directory")
+
+        def send() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", self.port("smtp"), timeout=10) as client:
+                client.ehlo("c.test")
+                client.mail("s@remote.test")
+                for rcpt in recipients:
+                    client.rcpt(rcpt)
+                return client.data(b"Subject: all or nothing\r\n\r\nthree copies\r\n")
+
+        code, text = yield self.in_thread(send)
+        self.assertEqual(code // 100, 4, text)
+        for rcpt in recipients:
+            self.assertEqual(self.maildir_files(rcpt), [], rcpt)
+        tmp.unlink()
+        tmp.mkdir()
+        code, text = yield self.in_thread(send)
+        self.assertEqual(code, 250, text)
+        for rcpt in recipients:
+            [copy] = self.maildir_files(rcpt)
+            self.assertIn(b"three copies", copy.read_bytes())
+
+
 class TmpCleanupTests(unittest.TestCase):
     """`Maildir.clean_tmp`: crash leftovers go, live deliveries stay."""
 

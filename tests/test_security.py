@@ -15,6 +15,7 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mailtwist import auth as auth_module
 from tests.support import DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_some
 
 SMUGGLING_ENDINGS = (b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n",
@@ -212,6 +213,33 @@ class EnumerationTests(ServerMixin, unittest.TestCase):
                             replies[0])
 
 
+    @defer.inlineCallbacks
+    def test_unknown_and_disabled_users_cost_the_same_bcrypt_work(self):
+        """Guards item 15's equal timing without measuring time: every failed
+        login (wrong password, unknown user, disabled account) runs exactly one
+        bcrypt check at the cost of the real accounts' hashes, so none answers
+        sooner (a dummy hash of another cost would tell unknown users apart)."""
+        checked: list[bytes] = []
+        real_check = auth_module.check_password
+
+        def counting_check(password: str, password_hash: bytes) -> bool:
+            checked.append(password_hash[:7])
+            return real_check(password, password_hash)
+
+        self.patch(auth_module, "check_password", counting_check)
+        cost = self.directory.get_account(f"alice@{DOMAIN}").password_hash[:7]
+        cases = [(f"alice@{DOMAIN}", "wrong"), (f"nobody@{DOMAIN}", "wrong"),
+                 (f"off@{DOMAIN}", PASSWORD), ("nobody@nowhere.test", "wrong")]
+        for user, password in cases:
+            checked.clear()
+            reply = yield self.in_thread(self.smtp_auth, user, password, "PLAIN")
+            self.assertIn(b"535 5.7.8 ", reply)
+            self.assertEqual(checked, [cost], user)
+            checked.clear()
+            reply = yield self.in_thread(self.pop3_auth, user, password, "PLAIN")
+            self.assertTrue(reply.endswith(b"Authentication failed."), reply)
+            self.assertEqual(checked, [cost], user)
+
 class CommandFloodTests(ServerMixin, unittest.TestCase):
     """Item 11 (SMTP and POP3): megabytes without a line end in command mode."""
 
@@ -296,3 +324,92 @@ class CommandFloodTests(ServerMixin, unittest.TestCase):
         self.assertNotIn(b"+OK\r\n", data[20:])
         self.assertTrue(peaks)
         self.assertLessEqual(max(peaks), MAX_LINE + 2 + 65536)
+
+
+class PlaintextAuthTests(ServerMixin, unittest.TestCase):
+    """Item 6: no credentials over plaintext, loopback included, unless allowed."""
+
+    def setUp(self):
+        return self.start_server()
+
+    def exchange(self) -> dict[str, bytes]:
+        """What each plaintext listener (reached over 127.0.0.1) says to a client
+        trying to log in before TLS."""
+        plain = base64.b64encode(f"\0alice@{DOMAIN}\0{PASSWORD}".encode())
+        return {
+            "smtp": smtp_session(self.port("smtp"), b"EHLO c.test\r\nAUTH PLAIN " + plain
+                                 + b"\r\nQUIT\r\n"),
+            "submission": smtp_session(self.port("submission"), b"EHLO c.test\r\nAUTH PLAIN "
+                                       + plain + b"\r\nQUIT\r\n"),
+            "imap": smtp_session(self.port("imap"),
+                                 b"a CAPABILITY\r\nb LOGIN alice@" + DOMAIN.encode()
+                                 + b' "' + PASSWORD.encode() + b'"\r\nc AUTHENTICATE PLAIN '
+                                 + plain + b"\r\nd SELECT INBOX\r\ne LOGOUT\r\n"),
+            "pop3": smtp_session(self.port("pop3"),
+                                 b"CAPA\r\nUSER alice@" + DOMAIN.encode() + b"\r\nPASS "
+                                 + PASSWORD.encode() + b"\r\nAUTH PLAIN " + plain
+                                 + b"\r\nSTAT\r\nQUIT\r\n"),
+        }
+
+    @defer.inlineCallbacks
+    def test_no_password_accepted_before_tls_on_loopback(self):
+        """Guards item 6 by default, from 127.0.0.1 (loopback is not exempt): port
+        25 offers no AUTH, 587 neither advertises AUTH nor accepts it (538 5.7.11),
+        IMAP advertises LOGINDISABLED and refuses LOGIN and AUTHENTICATE with
+        [PRIVACYREQUIRED], POP3 lists neither USER nor SASL and refuses USER and
+        AUTH with [AUTH]; no session ends up logged in."""
+        seen = yield self.in_thread(self.exchange)
+        smtp, submission = seen["smtp"], seen["submission"]
+        self.assertNotIn(b"AUTH", smtp.split(b"\r\n221")[0].split(b"250 ")[0])
+        self.assertTrue(reply_lines(smtp)[2].startswith(b"503 5.5.1"), smtp)
+        ehlo = submission.split(b"\r\n538")[0]
+        self.assertNotIn(b"AUTH", ehlo.split(b"\r\n", 1)[1])
+        self.assertIn(b"538 5.7.11", submission)
+        imap = seen["imap"]
+        self.assertIn(b"LOGINDISABLED", imap)
+        self.assertIn(b"b NO [PRIVACYREQUIRED]", imap)
+        self.assertIn(b"c NO [PRIVACYREQUIRED]", imap)
+        self.assertIn(b"d BAD", imap)
+        pop3 = seen["pop3"]
+        capa = pop3.split(b"\r\n.\r\n")[0]
+        self.assertNotIn(b"\r\nUSER\r\n", capa)
+        self.assertNotIn(b"SASL", capa)
+        self.assertIn(b"-ERR [AUTH] Plaintext authentication disallowed", pop3)
+        self.assertNotIn(b"+OK Logged in", pop3)
+        self.assertNotIn(b"+OK 0 0", pop3)
+
+    @defer.inlineCallbacks
+    def test_allow_plaintext_auth_is_explicit(self):
+        """Guards that the refusal above is the configuration's doing: with
+        allow_plaintext_auth = true the same plaintext logins succeed."""
+        yield self.server.stopService()
+        yield self.start_server(allow_plaintext_auth=True)
+        seen = yield self.in_thread(self.exchange)
+        self.assertIn(b"235 2.7.0", seen["submission"])
+        self.assertNotIn(b"LOGINDISABLED", seen["imap"])
+        self.assertIn(b"b OK", seen["imap"])
+        self.assertIn(b"\r\nUSER\r\n", seen["pop3"])
+        self.assertIn(b"+OK", seen["pop3"].split(b"PASS")[0])
+
+
+class SMTPCommandHygieneTests(ServerMixin, unittest.TestCase):
+    """Item 9 for SMTP: command lines end in CRLF and hold no other CR or NUL."""
+
+    def setUp(self):
+        return self.start_server()
+
+    @defer.inlineCallbacks
+    def test_bare_cr_bare_lf_and_nul_commands_are_refused(self):
+        """Guards item 9 on port 25: NOOP ending in a bare LF, a command with a
+        bare CR or a NUL, and a MAIL joined to RCPT by a bare LF are each
+        answered 500 5.5.2 and not run, so the RCPT that follows has no
+        transaction and no message can be sent with such lines."""
+        data = yield self.in_thread(
+            smtp_session, self.port("smtp"),
+            b"EHLO c.test\r\nNOOP\nNO\rOP\r\nNO\0OP\r\n"
+            b"MAIL FROM:<s@remote.test>\nRCPT TO:<alice@example.test>\r\n"
+            b"RCPT TO:<alice@example.test>\r\nQUIT\r\n")
+        codes = [line[:9] for line in reply_lines(data)]
+        self.assertEqual(codes, [b"220 mx.ex", b"250 SMTPU", b"500 5.5.2", b"500 5.5.2",
+                                 b"500 5.5.2", b"500 5.5.2", b"503 5.5.1", b"503 5.5.1",
+                                 b"221 2.0.0"])

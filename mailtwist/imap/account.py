@@ -27,6 +27,7 @@ Dovecot's ``auto = subscribe`` does, so clients find them at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.mail.imap4 import IAccount
 from zope.interface import implementer
 
@@ -54,6 +56,8 @@ from mailtwist.storage.maildir import (
     Maildir,
     validate_folder_name,
 )
+
+log = Logger()
 
 SUBSCRIPTIONS_NAME = "subscriptions"
 SPECIAL_USE_NAME = "mailtwist-special-use"
@@ -255,16 +259,26 @@ class IMAPAccount:
     # -- login
 
     def prepare_blocking(self) -> None:
-        """Create the special-use folders that are missing, subscribed."""
+        """Create the special-use folders that are missing, subscribed.
+
+        On a full disk (ENOSPC, EDQUOT) this is skipped with a log line and
+        tried again at the next login: reading mail needs no new folder.
+        """
         with self._lock:
-            created = []
-            for name in sorted(SPECIAL_FOLDERS):
-                if not self.maildir.folder_path(name).is_dir():
-                    self.maildir.folder(name)
-                    created.append(name)
-            if created:
-                names = self._subscriptions_blocking()
-                self._save_subscriptions(names | set(created))
+            try:
+                created = []
+                for name in sorted(SPECIAL_FOLDERS):
+                    if not self.maildir.folder_path(name).is_dir():
+                        self.maildir.folder(name)
+                        created.append(name)
+                if created:
+                    names = self._subscriptions_blocking()
+                    self._save_subscriptions(names | set(created))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warn("cannot create the special-use folders of {address}: {error}",
+                         address=self.address, error=e)
 
     # -- quota (RFC 9208: one root "" covering every folder, STORAGE only)
 
