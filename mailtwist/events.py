@@ -12,9 +12,10 @@ password or the SASL blob.  The JSON observer writes only the text of an event
 and the documented fields of its kind, never the other fields an event
 carries, so a secret passed along to a logger as data cannot end up in it.
 
-JSON output: ``twistd --logger mailtwist.events.json_observer -n mailtwist``
-writes one JSON object per line to standard output (or to the file named by
-``$MAILTWIST_JSON_LOG``).
+JSON output: ``twistd -n mailtwist --log-format json`` writes one JSON object
+per line where twistd would write its text log (standard output, or
+``--logfile``); ``twistd --logger mailtwist.events.json_observer -n mailtwist``
+writes them to standard output (or to the file named by ``$MAILTWIST_JSON_LOG``).
 """
 
 from __future__ import annotations
@@ -189,3 +190,27 @@ def json_observer() -> JSONObserver:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         return JSONObserver(os.fdopen(fd, "a", encoding="utf-8"))
     return JSONObserver(sys.stdout)
+
+
+#: Where ``--log-format json`` writes: (twistd's --logfile, its --nodaemon).
+_json_log_target: tuple[str | None, bool] = (None, True)
+
+
+def use_json_log(logfile: str | None, nodaemon: bool) -> str:
+    """Remember twistd's *logfile* and *nodaemon* for :func:`json_log_observer`
+    and return its dotted name, for twistd's ``--logger`` (which twistd
+    imports by name after the plugin's options are parsed)."""
+    global _json_log_target
+    _json_log_target = (logfile, nodaemon)
+    return "mailtwist.events.json_log_observer"
+
+
+def json_log_observer() -> JSONObserver:
+    """Observer factory for ``twistd mailtwist --log-format json``: JSON lines
+    where twistd's text log would go — its ``--logfile`` (appended, created
+    0600), standard output for ``-`` or in the foreground, else twistd.log."""
+    logfile, nodaemon = _json_log_target
+    if logfile == "-" or (not logfile and nodaemon):
+        return JSONObserver(sys.stdout)
+    fd = os.open(logfile or "twistd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return JSONObserver(os.fdopen(fd, "a", encoding="utf-8"))

@@ -39,6 +39,7 @@ class Options(usage.Options):
         ["hostname", None, None, "host name for greetings and Received headers"],
         ["workers", None, None, "processes serving the listeners (default 1; the cores "
                                 "to use them all)"],
+        ["log-format", None, "text", "text, or json for one JSON object per log line"],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "allow passwords over connections without TLS"],
@@ -67,6 +68,21 @@ class Options(usage.Options):
     def opt_web(self, endpoint: str) -> None:
         """endpoint for the web listener: autoconfig, metrics (repeatable; 'none' disables)"""
         self.web.append(endpoint)
+
+    def postOptions(self) -> None:
+        """--log-format json becomes twistd's log observer (its --logger), which
+        twistd reads from the parent options after they are parsed."""
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format: expected text or json, got "
+                                   f"{self['log-format']!r}")
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None:
+            if parent.get("logger"):
+                raise usage.UsageError("--log-format json and twistd's --logger both choose"
+                                       " the log observer: give one of them")
+            from mailtwist.events import use_json_log
+
+            parent["logger"] = use_json_log(parent.get("logfile"), bool(parent.get("nodaemon")))
 
     def overrides(self) -> dict[str, Any]:
         result: dict[str, Any] = {}

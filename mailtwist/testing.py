@@ -20,12 +20,21 @@ role; ``result.queued`` shows what would leave, the queue runner is held),
 :meth:`FilterTestServer.copy` run a real imaplib session and fire once the
 filters were told), and ``result.quarantined`` lists what a Quarantine
 verdict kept back.
+
+A recorded SMTP session (``C:``/``S:`` lines as in the RFCs, or the
+``->``/``<-`` transcript swaks prints) is replayed line by line with
+:meth:`FilterTestServer.replay` or :func:`run_session`; the
+:class:`SessionResult` pairs every client command with the reply this server
+gave and the one recorded, so ``result.mismatches`` shows where it differs.
 """
 
 from __future__ import annotations
 
 import imaplib
+import re
 import smtplib
+import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -92,6 +101,125 @@ class SendResult:
     @property
     def accepted(self) -> bool:
         return self.stage == "data" and self.code == 250
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One step of a replayed session: what the client sent (*command*: the
+    command line, ``""`` for the greeting, ``"<message>"`` for the DATA content
+    up to its final dot), the reply this server gave (*code* is None when the
+    step was not sent because the session had ended or DATA was refused) and
+    the *recorded* reply code, if the recording has one."""
+
+    command: str
+    code: int | None
+    enhanced: str | None
+    text: str
+    recorded: int | None
+
+
+@dataclass
+class SessionResult:
+    """A replayed session: every :class:`Exchange` in order, and the mail
+    stored, queued and quarantined afterwards (as in :class:`SendResult`)."""
+
+    exchanges: list[Exchange]
+    stored: dict[str, list[StoredMessage]] = field(default_factory=dict)
+    queued: list[QueuedMessage] = field(default_factory=list)
+    quarantined: list[QuarantinedMessage] = field(default_factory=list)
+
+    @property
+    def codes(self) -> list[int | None]:
+        """The reply codes, one per exchange (the greeting first)."""
+        return [e.code for e in self.exchanges]
+
+    @property
+    def mismatches(self) -> list[Exchange]:
+        """The exchanges whose reply code differs from the recorded one."""
+        return [e for e in self.exchanges if e.recorded is not None and e.recorded != e.code]
+
+    def reply_to(self, command: str) -> Exchange:
+        """The first exchange whose command starts with *command* (any case),
+        e.g. ``"RCPT"`` or ``"<message>"``; KeyError if there is none."""
+        for e in self.exchanges:
+            if e.command.upper().startswith(command.upper()):
+                return e
+        raise KeyError(f"no {command!r} in the replayed session")
+
+
+@dataclass
+class _Step:
+    command: str
+    lines: list[str]
+    recorded: int | None = None
+
+
+_CLIENT = (re.compile(r"^C: ?(.*)$"), re.compile(r"^ ?-> ?(.*)$"))
+_SERVER = (re.compile(r"^S: ?(.*)$"), re.compile(r"^ ?<(?:-|\*\*) *(.*)$"))
+_REPLY = re.compile(r"^(\d{3})([ -]|$)")
+
+
+def parse_session(transcript: str | bytes) -> list[_Step]:
+    """The steps of a recorded SMTP session: client lines (``C: `` or swaks'
+    `` -> ``) grouped into commands and DATA content, each with the code of
+    its recorded reply (``S: `` or swaks' ``<- ``/``<** ``).  Blank lines and
+    swaks' ``===`` notes are skipped; anything else is a ValueError naming
+    the line, and so are TLS lines (``~>``, ``<~``), which cannot be replayed."""
+    if isinstance(transcript, bytes):
+        transcript = transcript.decode("utf-8", "surrogateescape")
+    greeting = _Step("", [])
+    steps = [greeting]
+    waiting = [greeting]  # steps whose recorded reply is still to come
+    message: _Step | None = None
+    for number, raw in enumerate(transcript.split("\n"), 1):  # not splitlines(): \f is data
+        line = raw.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith(("===", "***")):
+            continue
+        if line.lstrip().startswith(("~>", "<~")):
+            raise ValueError(f"line {number}: TLS lines cannot be replayed: {line!r}")
+        client = next((m for m in (p.match(line) for p in _CLIENT) if m), None)
+        if client is not None:
+            text = client.group(1)
+            if message is not None:
+                message.lines.append(text)
+                if text == ".":
+                    message = None
+                continue
+            step = _Step(text, [text])
+            steps.append(step)
+            waiting.append(step)
+            verb = text.split(" ", 1)[0].upper()
+            if verb == "STARTTLS":
+                raise ValueError(f"line {number}: STARTTLS cannot be replayed in plain text")
+            if verb == "DATA":
+                message = _Step("<message>", [])
+                steps.append(message)
+                waiting.append(message)
+            continue
+        server = next((m for m in (p.match(line) for p in _SERVER) if m), None)
+        if server is None:
+            raise ValueError(f"line {number}: neither a client nor a server line: {line!r}")
+        reply = _REPLY.match(server.group(1))
+        if reply is None:
+            raise ValueError(f"line {number}: not an SMTP reply: {line!r}")
+        if reply.group(2) != "-" and waiting:
+            waiting.pop(0).recorded = int(reply.group(1))
+    if message is not None:
+        raise ValueError("the DATA content has no final '.' line")
+    return steps
+
+
+def _read_reply(reader) -> tuple[int, str | None, str] | None:
+    """One (possibly multi-line) reply, split; None when the server closed."""
+    texts = []
+    while True:
+        line = reader.readline()
+        if not line:
+            return None
+        line = line.decode("utf-8", "replace").rstrip("\r\n")
+        texts.append(line[4:])
+        if line[3:4] != "-":
+            return _split_reply(int(line[:3]), "\n".join(texts))
 
 
 def _split_reply(code: int, message: bytes | str) -> tuple[int, str | None, str]:
@@ -207,11 +335,12 @@ class FilterTestServer:
 
     def send(self, message: bytes, sender: str = f"sender@{DOMAIN}",
              recipients: Sequence[str] = (f"alice@{DOMAIN}",), helo: str = "client.example.test",
-             login: str | None = None) -> defer.Deferred:
-        """One SMTP session (AUTH as *login* first if given); fires with a SendResult
-        whose ``stored`` lists every account's messages afterwards."""
+             login: str | None = None, starttls: bool = False) -> defer.Deferred:
+        """One SMTP session (STARTTLS first if *starttls*, then AUTH as *login* if
+        given); fires with a SendResult whose ``stored`` lists every account's
+        messages afterwards.  The server's certificate is not verified."""
         return deferToThread(self._send_and_read, message, sender, list(recipients), helo,
-                             login)
+                             login, starttls)
 
     def _send_and_read(self, *args) -> SendResult:
         result = self._send_blocking(*args)
@@ -221,7 +350,7 @@ class FilterTestServer:
         return result
 
     def _send_blocking(self, message: bytes, sender: str, recipients: list[str], helo: str,
-                       login: str | None) -> SendResult:
+                       login: str | None, starttls: bool = False) -> SendResult:
         client = smtplib.SMTP(timeout=30)
         try:
             code, text = client.connect("127.0.0.1", self.port)
@@ -230,6 +359,15 @@ class FilterTestServer:
             code, text = client.ehlo(helo)
             if code != 250:
                 return SendResult("helo", *_split_reply(code, text))
+            if starttls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # the test server's self-signed one
+                client._host = "127.0.0.1"  # smtplib's SNI name, set only by its __init__
+                client.starttls(context=context)
+                code, text = client.ehlo(helo)
+                if code != 250:
+                    return SendResult("helo", *_split_reply(code, text))
             if login is not None:
                 try:
                     code, text = client.login(login, PASSWORD)
@@ -251,6 +389,46 @@ class FilterTestServer:
             return SendResult("data", *_split_reply(e.smtp_code, e.smtp_error))
         finally:
             client.close()
+
+    def replay(self, transcript: str | bytes) -> defer.Deferred:
+        """Replay a recorded SMTP session (see :func:`parse_session`) on one
+        connection, one step at a time; fires with a :class:`SessionResult`.
+        The DATA content is sent only after a 354, and nothing is sent after
+        the server closed the connection (a 421, or QUIT)."""
+        steps = parse_session(transcript)
+        return deferToThread(self._replay_and_read, steps)
+
+    def _replay_and_read(self, steps: list[_Step]) -> SessionResult:
+        result = SessionResult(self._replay_blocking(steps))
+        result.stored = {a: self.stored(a) for a in self.accounts}
+        result.queued = self.queued()
+        result.quarantined = self.quarantined()
+        return result
+
+    def _replay_blocking(self, steps: list[_Step]) -> list[Exchange]:
+        exchanges = []
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock, \
+                sock.makefile("rb") as reader:
+            open_, last = True, None
+            for step in steps:
+                sendable = open_ and (step.command != "<message>" or last == 354)
+                if not sendable:
+                    exchanges.append(Exchange(step.command, None, None, "", step.recorded))
+                    continue
+                if step.lines:
+                    sock.sendall(b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n"
+                                          for line in step.lines))
+                reply = _read_reply(reader)
+                if reply is None:
+                    open_ = False
+                    exchanges.append(Exchange(step.command, None, None, "", step.recorded))
+                    continue
+                code, enhanced, text = reply
+                last = code
+                exchanges.append(Exchange(step.command, code, enhanced, text, step.recorded))
+                if code == 421 or step.command.upper() == "QUIT":
+                    open_ = False
+        return exchanges
 
     def queued(self) -> list[QueuedMessage]:
         """Every entry of the outbound spool (blocking: call from a thread)."""
@@ -343,4 +521,15 @@ def run_message(testcase, filters: Sequence[object], message: bytes,
     """Start a FilterTestServer with *filters*, send *message*; fires with a SendResult."""
     server = yield FilterTestServer(testcase, filters, role=role, **kwargs).start()
     result = yield server.send(message, sender, recipients)
+    return result
+
+
+@defer.inlineCallbacks
+def run_session(testcase, filters: Sequence[object], transcript: str | bytes,
+                role: str = "smtp", **kwargs):
+    """Start a FilterTestServer with *filters*, replay the recorded SMTP
+    session *transcript*; fires with a SessionResult."""
+    parse_session(transcript)  # a bad recording fails before a server starts
+    server = yield FilterTestServer(testcase, filters, role=role, **kwargs).start()
+    result = yield server.replay(transcript)
     return result

@@ -251,3 +251,117 @@ class JSONObserverTests(unittest.TestCase):
         import sys
 
         self.assertIs(events.json_observer().out, sys.stdout)
+
+
+class LogFormatOptionTests(unittest.TestCase):
+    """``twistd mailtwist --log-format json``: JSON lines chosen by the server's own
+    option, where twistd's text log would go."""
+
+    def parse(self, *argv: str):
+        from twisted.scripts.twistd import ServerOptions
+
+        self.patch(events, "_json_log_target", events._json_log_target)
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config
+
+    def test_option_sets_twistds_observer(self):
+        """json becomes twistd's --logger, writing to --logfile (created 0600);
+        text (the default) leaves twistd's own observer alone."""
+        self.assertIsNone(self.parse("-n", "mailtwist")["logger"])
+        path = Path(self.mktemp())
+        config = self.parse("--logfile", str(path), "mailtwist", "--log-format", "json")
+        observer = config["logger"]()
+        self.addCleanup(observer.out.close)
+        observer({"log_format": "hello {who}", "who": "json", "log_time": 0.0})
+        self.assertEqual(json.loads(path.read_text())["message"], "hello json")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        import sys
+
+        config = self.parse("-n", "mailtwist", "--log-format", "json")
+        self.assertIs(config["logger"]().out, sys.stdout)
+
+    def test_bad_value_and_conflict_are_usage_errors(self):
+        """An unknown format, or json together with twistd's --logger, is refused."""
+        from twisted.python.usage import UsageError
+
+        with self.assertRaises(UsageError) as caught:
+            self.parse("-n", "mailtwist", "--log-format", "xml")
+        self.assertIn("--log-format: expected text or json, got 'xml'", str(caught.exception))
+        with self.assertRaises(UsageError) as caught:
+            self.parse("-n", "--logger", "mailtwist.events.json_observer", "mailtwist",
+                       "--log-format", "json")
+        self.assertIn("give one of them", str(caught.exception))
+
+    def test_running_server_writes_json_without_secrets(self):
+        """A real twistd with --log-format json: every line of the log is JSON, a
+        transaction and a failed and a good login are events, no password is in it."""
+        import subprocess
+        import sys
+        import time
+
+        from mailtwist.cli import main
+
+        base = Path(self.mktemp()).resolve()
+        base.mkdir()
+        data = base / "data"
+        data.mkdir(mode=0o700)
+        quiet = io.StringIO()
+        from contextlib import redirect_stdout
+
+        with redirect_stdout(quiet):
+            self.assertEqual(main(["--data-dir", str(data), "domain", "add", DOMAIN]), 0)
+            self.patch(sys, "stdin", io.StringIO(PASSWORD + "\n"))
+            self.assertEqual(main(["--data-dir", str(data), "user", "add", f"bob@{DOMAIN}",
+                                   "--password-stdin"]), 0)
+        log_path = base / "mailtwist.jsonl"
+        root = Path(__file__).resolve().parent.parent
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "--logfile", str(log_path), "mailtwist",
+                "--log-format", "json", "--data-dir", str(data), "--allow-plaintext-auth",
+                "--smtp", "tcp:0:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1"]
+        for role in ("submission", "submissions", "imap", "imaps", "pop3s"):
+            args += [f"--{role}", "none"]
+        proc = subprocess.Popen(args, cwd=base, env=dict(os.environ, PYTHONPATH=str(root)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.terminate)
+
+        def records() -> list[dict]:
+            text = log_path.read_text() if log_path.exists() else ""
+            return [json.loads(line) for line in text.splitlines()]
+
+        ports: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        while len(ports) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            for record in records():
+                if " listening on " in record["message"]:
+                    role = record["message"].split()[0]
+                    ports[role] = int(record["message"].rsplit(":", 1)[1].rstrip(")"))
+        self.assertEqual(set(ports), {"smtp", "pop3"}, log_path.read_text())
+
+        with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=30) as client:
+            client.sendmail("carol@remote.example", [f"bob@{DOMAIN}"],
+                            b"Subject: json\r\n\r\nhi\r\n")
+        for password in (SECRET, PASSWORD):
+            pop = poplib.POP3("127.0.0.1", ports["pop3"], timeout=30)
+            try:
+                pop.user(f"bob@{DOMAIN}")
+                pop.pass_(password)
+            except poplib.error_proto:
+                pass
+            pop.quit()
+
+        wanted = {("smtp.transaction", "accepted"), ("login", "failure"),
+                  ("login", "success")}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen = {(r.get("event_kind"), r.get("result")) for r in records()}
+            if wanted <= seen:
+                break
+            time.sleep(0.1)
+        self.assertLessEqual(wanted, seen, log_path.read_text())
+        text = log_path.read_text()
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn(PASSWORD, text)

@@ -295,6 +295,81 @@ class StageReplyTests(unittest.TestCase):
         self.assertEqual((result.stage, result.code, result.enhanced), ("rcpt", 451, "4.7.1"))
         self.assertIn("hanging_filter", logged_text(events))
 
+    def test_helo_tempfail(self):
+        return self.check("helo", TempFail("try later", 450, "4.7.1"))
+
+    def test_rcpt_tempfail(self):
+        return self.check("rcpt", TempFail("over quota for now", 452, "4.2.2"))
+
+    def test_delivery_tempfail_is_the_data_reply(self):
+        """A delivery-stage TempFail is the end-of-DATA reply, code and text as asked."""
+        return self.check("delivery", TempFail("mailbox busy", 451, "4.2.0"), "data")
+
+    @defer.inlineCallbacks
+    def test_auth_tempfail(self):
+        result = yield self.check("auth", TempFail("directory busy", 454, "4.7.0"),
+                                  role="submission", login=ALICE)
+        self.assertEqual(result.stage, "auth")
+
+    @defer.inlineCallbacks
+    def test_accept_skips_later_filters_of_the_stage_only(self):
+        """Accept at RCPT: the next filter's rcpt_to is not asked (its Reject is not
+        the reply), but its data hook still is."""
+        later = StageFilter("rcpt", Reject("never asked", 550, "5.7.1"), name="later")
+        later.data = lambda session, message: Continue(AddHeader("X-Later", "asked"))
+        server = yield FilterTestServer(self, [StageFilter("rcpt", Accept()), later]).start()
+        result = yield server.send(MESSAGE)
+        self.assertTrue(result.accepted)
+        [stored] = result.stored[ALICE]
+        self.assertEqual(header_values(stored.content, "X-Later"), ["asked"])
+
+    @defer.inlineCallbacks
+    def test_data_accept_applies_its_actions_and_skips_the_rest(self):
+        """Accept at DATA with FileInto: filed as asked; a later Reject is not asked."""
+        server = yield FilterTestServer(self, [
+            StageFilter("data", Accept(FileInto("Junk"))),
+            StageFilter("data", Reject("never asked", 550, "5.7.1"), name="later"),
+        ]).start()
+        result = yield server.send(MESSAGE)
+        self.assertTrue(result.accepted)
+        self.assertEqual([m.folder for m in result.stored[ALICE]], ["Junk"])
+
+    @defer.inlineCallbacks
+    def test_hanging_data_filter_gives_451_and_stores_nothing(self):
+        """A data hook that never answers: 451 at the end of DATA after the hook
+        timeout, a log line naming the filter, and no copy in any mailbox."""
+        events = capture_chain_log(self)
+
+        class HangingData(Filter):
+            name = "slow_scanner"
+
+            def data(self, session, message):
+                return defer.Deferred()
+
+        result = yield self.send(HangingData(), timeout=0.05, recipients=(ALICE, BOB))
+        self.assertEqual((result.stage, result.code, result.enhanced), ("data", 451, "4.7.1"))
+        self.assertEqual(result.stored, {ALICE: [], BOB: []})
+        self.assertIn("slow_scanner", logged_text(events))
+
+    @defer.inlineCallbacks
+    def test_raising_delivery_filter_gives_451_and_stores_no_copy(self):
+        """A delivery hook that raises for one of two recipients: 451, and neither
+        recipient gets a copy (the client retries the whole message)."""
+        events = capture_chain_log(self)
+
+        class BobCrash(Filter):
+            name = "bob_crash"
+
+            def delivery(self, session, message, target):
+                if target.account == BOB:
+                    raise RuntimeError("boom")
+                return Continue()
+
+        result = yield self.send(BobCrash(), recipients=(ALICE, BOB))
+        self.assertEqual((result.stage, result.code), ("data", 451))
+        self.assertEqual(result.stored, {ALICE: [], BOB: []})
+        self.assertIn("bob_crash", logged_text(events))
+
     @defer.inlineCallbacks
     def test_no_filters_delivers(self):
         self.server = yield FilterTestServer(self, []).start()
@@ -454,6 +529,63 @@ class MessageActionTests(unittest.TestCase):
                                 "recipients": [ALICE, BOB], "state": {"connected": True},
                                 "role": "smtp"})
         self.assertTrue(queue_id)
+
+
+class SessionContextTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_tls_and_authenticated_user(self):
+        """After STARTTLS and AUTH on submission, every later hook sees tls=True
+        and the authenticated user; the connect hook saw tls=False."""
+        seen = []
+
+        class Recorder(Filter):
+            name = "recorder"
+
+            def connect(self, session):
+                seen.append(("connect", session.tls, session.user))
+                return Continue()
+
+            def mail_from(self, session, sender):
+                seen.append(("mail", session.tls, session.user))
+                return Continue()
+
+            def data(self, session, message):
+                seen.append(("data", session.tls, session.user))
+                return Continue()
+
+        server = yield FilterTestServer(self, [Recorder()], role="submission").start()
+        result = yield server.send(MESSAGE, sender=ALICE, login=ALICE, starttls=True)
+        self.assertTrue(result.accepted, result)
+        self.assertEqual(seen, [("connect", False, None), ("mail", True, ALICE),
+                                ("data", True, ALICE)])
+
+
+class SessionStateTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_state_lasts_for_the_session_and_only_for_it(self):
+        """state_for() keeps a filter's data across the transactions of one SMTP
+        session (replayed as recorded) and starts empty in the next session."""
+
+        class Counter(Filter):
+            name = "counter"
+
+            def data(self, session, message):
+                state = session.state_for(self.name)
+                state["n"] = state.get("n", 0) + 1
+                return Continue(AddHeader("X-Message-In-Session", str(state["n"])))
+
+        transaction = ("C: MAIL FROM:<sender@example.test>\nS: 250\n"
+                       "C: RCPT TO:<alice@example.test>\nS: 250\nC: DATA\nS: 354\n"
+                       "C: Subject: n\nC:\nC: x\nC: .\nS: 250\n")
+        recording = ("S: 220\nC: EHLO c.example.test\nS: 250\n" + transaction * 2
+                     + "C: QUIT\nS: 221\n")
+        server = yield FilterTestServer(self, [Counter()]).start()
+        first = yield server.replay(recording)
+        self.assertEqual(first.mismatches, [])
+        second = yield server.send(b"Subject: n\r\n\r\nx\r\n")
+        self.assertTrue(second.accepted)
+        self.assertEqual(sorted(header_values(m.content, "X-Message-In-Session")[0]
+                                for m in second.stored[ALICE]), ["1", "1", "2"])
 
 
 class ConfigTests(unittest.TestCase):

@@ -133,6 +133,28 @@ class AuthResultsTests(unittest.TestCase):
         self.assertEqual((result.stage, result.code, result.enhanced), ("mail", 550, "5.7.23"))
 
     @defer.inlineCallbacks
+    def test_spf_softfail_is_recorded_and_not_refused(self):
+        """``~all`` for our address is spf=softfail in the header; spf_fail_reject
+        refuses only a hard fail (as Postfix's policyd-spf does by default)."""
+        self.dns.txt("soft.test", "v=spf1 ip4:192.0.2.1 ~all")
+        server = yield self.server(spf_fail_reject=True)
+        result = yield server.send(make_message("x@soft.test"), sender="x@soft.test")
+        self.assertTrue(result.accepted, result)
+        [stored] = result.stored["alice@example.test"]
+        [value] = self.results(stored)
+        self.assertIn("spf=softfail smtp.mailfrom=x@soft.test", value)
+
+    @defer.inlineCallbacks
+    def test_spf_fail_without_reject_is_recorded(self):
+        """A hard SPF fail without spf_fail_reject is delivered with spf=fail."""
+        server = yield self.server()
+        result = yield server.send(make_message("x@bank.test"), sender="x@bank.test")
+        self.assertTrue(result.accepted, result)
+        [stored] = result.stored["alice@example.test"]
+        [value] = self.results(stored)
+        self.assertIn("spf=fail smtp.mailfrom=x@bank.test", value)
+
+    @defer.inlineCallbacks
     def test_null_sender_checks_helo(self):
         self.dns.txt("client.example.test", "v=spf1 -all")
         server = yield self.server()

@@ -61,6 +61,84 @@ class WebConfigTests(unittest.SynchronousTestCase):
         self.assertIn("web.metric", str(e.exception))
 
 
+# Thunderbird's autoconfig format (wiki.mozilla.org/Thunderbird:Autoconfiguration:
+# ConfigFileFormat): element -> (allowed children, required children).
+THUNDERBIRD_FORMAT = {
+    "clientConfig": ({"emailProvider"}, {"emailProvider"}),
+    "emailProvider": ({"domain", "displayName", "displayShortName", "incomingServer",
+                       "outgoingServer", "documentation"},
+                      {"domain", "incomingServer", "outgoingServer"}),
+    "incomingServer": ({"hostname", "port", "socketType", "username", "authentication",
+                        "password", "pop3"},
+                       {"hostname", "port", "socketType", "username", "authentication"}),
+    "outgoingServer": ({"hostname", "port", "socketType", "username", "authentication",
+                        "password", "addThisServer", "useGlobalPreferredServer"},
+                       {"hostname", "port", "socketType", "username", "authentication"}),
+}
+THUNDERBIRD_VALUES = {
+    "socketType": {"plain", "SSL", "STARTTLS"},
+    "authentication": {"password-cleartext", "password-encrypted", "NTLM", "GSSAPI",
+                       "client-IP-address", "TLS-client-cert", "OAuth2", "none"},
+}
+# Outlook's POX autodiscover response (responseschema/2006a), the parts we use.
+OUTLOOK_FORMAT = {
+    "Autodiscover": ({"Response"}, {"Response"}),
+    "Response": ({"User", "Account", "Error"}, {"Account"}),
+    "Account": ({"AccountType", "Action", "Protocol", "RedirectAddr", "RedirectUrl"},
+                {"AccountType", "Action", "Protocol"}),
+    "Protocol": ({"Type", "Server", "Port", "DomainRequired", "LoginName", "SPA", "SSL",
+                  "Encryption", "AuthRequired", "DomainName"},
+                 {"Type", "Server", "Port", "LoginName"}),
+}
+OUTLOOK_VALUES = {
+    "AccountType": {"email"}, "Action": {"settings", "redirectAddr", "redirectUrl"},
+    "Type": {"IMAP", "POP3", "SMTP"}, "DomainRequired": {"on", "off"},
+    "SPA": {"on", "off"}, "SSL": {"on", "off"}, "AuthRequired": {"on", "off"},
+    "Encryption": {"None", "SSL", "TLS", "Auto"},
+}
+
+
+def format_errors(element: ET.Element, structure: dict, values: dict) -> list[str]:
+    """What in *element*'s tree does not follow *structure* (element -> allowed and
+    required children; namespaces ignored) and *values* (leaf -> allowed text)."""
+    errors = []
+    tag = element.tag.rpartition("}")[2]
+    children = [c.tag.rpartition("}")[2] for c in element]
+    if tag in structure:
+        allowed, required = structure[tag]
+        errors += [f"{tag}: unexpected {c}" for c in children if c not in allowed]
+        errors += [f"{tag}: no {r}" for r in sorted(required - set(children))]
+        errors += [f"{tag}: {r} twice" for r in sorted(required)
+                   if children.count(r) > 1 and r not in ("domain", "incomingServer",
+                                                            "outgoingServer", "Protocol")]
+    elif children:
+        errors.append(f"{tag}: a leaf with children")
+    elif tag == "port" or tag == "Port":
+        if not (element.text or "").isdigit() or not 0 < int(element.text) < 65536:
+            errors.append(f"{tag}: not a port: {element.text!r}")
+    elif tag in values and element.text not in values[tag]:
+        errors.append(f"{tag}: {element.text!r} not one of {sorted(values[tag])}")
+    elif not (element.text or "").strip():
+        errors.append(f"{tag}: empty")
+    for child in element:
+        errors += format_errors(child, structure, values)
+    return errors
+
+
+class FormatValidatorTests(unittest.SynchronousTestCase):
+    def test_validator_finds_errors(self):
+        """The checker used below really refuses malformed documents."""
+        root = ET.fromstring("<clientConfig><emailProvider><domain>d</domain>"
+                             "<incomingServer><hostname/><port>0</port>"
+                             "<socketType>TLS</socketType><bogus>x</bogus></incomingServer>"
+                             "</emailProvider></clientConfig>")
+        errors = format_errors(root, THUNDERBIRD_FORMAT, THUNDERBIRD_VALUES)
+        for expected in ("emailProvider: no outgoingServer", "incomingServer: unexpected bogus",
+                         "incomingServer: no username", "hostname: empty",
+                         "port: not a port", "socketType: 'TLS' not one of"):
+            self.assertTrue(any(e.startswith(expected) for e in errors), (expected, errors))
+
+
 class AutoconfigTests(ServerMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
@@ -103,6 +181,25 @@ class AutoconfigTests(ServerMixin, unittest.TestCase):
                          self.port("submission"))
         self.assertNotIn(str(self.port("smtp")),
                          [s.findtext("port") for s in outgoing.values()])
+
+    @defer.inlineCallbacks
+    def test_documents_follow_the_clients_formats(self):
+        """Both answers follow the format their client reads: Thunderbird's
+        clientConfig 1.1 and Outlook's POX response, every element known, every
+        required one there, every value one the client accepts."""
+        status, body = yield self.get(f"/mail/config-v1.1.xml?emailaddress={ALICE}")
+        root = ET.fromstring(body)
+        self.assertEqual((status, root.tag, root.get("version")), (200, "clientConfig", "1.1"))
+        self.assertEqual(format_errors(root, THUNDERBIRD_FORMAT, THUNDERBIRD_VALUES), [])
+        for server in root.iter("incomingServer"):
+            self.assertIn(server.get("type"), ("imap", "pop3"))
+        for server in root.iter("outgoingServer"):
+            self.assertEqual(server.get("type"), "smtp")
+        status, body = yield self.get("/autodiscover/autodiscover.xml",
+                                      data=autodiscover_request(ALICE))
+        self.assertEqual(status, 200)
+        self.assertEqual(format_errors(ET.fromstring(body), OUTLOOK_FORMAT, OUTLOOK_VALUES),
+                         [])
 
     @defer.inlineCallbacks
     def test_well_known_path(self):
