@@ -608,6 +608,19 @@ class RefreshSharingTests(unittest.TestCase):
         self.assertEqual(len(self.shared.uids), 4)
 
     @defer.inlineCallbacks
+    def test_hundreds_of_waiting_sessions_all_get_their_answer(self):
+        """Guards against the lock hand-over recursion: 600 refreshes queued at
+        once (sessions selecting together) all finish, with one scan."""
+        yield self.refresh()
+        before = ScanCountingFolder.scans
+        yield self.shared.lock.acquire()
+        waiting = [self.refresh() for _ in range(600)]
+        self.shared.lock.release()
+        results = yield defer.DeferredList(waiting, consumeErrors=True)
+        self.assertTrue(all(ok for ok, _ in results), [r for ok, r in results if not ok][:1])
+        self.assertLessEqual(ScanCountingFolder.scans, before + 1)
+
+    @defer.inlineCallbacks
     def test_own_store_needs_no_rescan_but_other_changes_are_seen(self):
         """Guards the own-change stamp: after our STORE the next refresh does not
         rescan; a change by another program afterwards is still noticed."""

@@ -65,6 +65,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailtwist.imap.fetch import CACHED_ITEMS, FetchEntry, FetchItem, render
 from mailtwist.imap.mime import ParsedMessage, decode_header_value
@@ -279,7 +280,7 @@ class SharedFolder:
         self._loaded = False
         self._stamp: tuple | None = None
         self._trusted = False
-        self._scans_started = 0
+        self._queued_refresh: _Waiters | None = None
         # The last change of the Maildir was ours (STORE, EXPUNGE, the move
         # to cur/): _stamp was taken after it, so equal times need no rescan
         # until they are old enough to verify once (see _scan_blocking).
@@ -432,23 +433,38 @@ class SharedFolder:
     async def refresh(self, force: bool = False) -> None:
         """Bring the shared state up to date with the Maildir (cheap if nothing changed).
 
-        Refreshes that wait for the lock together share one scan: a scan that
-        *started* after this call was made has seen every change made before
-        it, so when one ran while we waited there is nothing left to do.
-        Without this, sessions busy on one folder rescan it once each after
-        every change (RFC 3501 only asks that a command sees what was done
-        before it).
+        Refreshes asked for while one is queued behind the folder lock share
+        it: a scan that *starts* after a request has seen every change made
+        before it, which is all RFC 3501 asks of a command. Without this,
+        sessions busy on one folder rescan it once each after every change.
+        The waiters are told in a loop, not by a chain of lock hand-overs
+        (that recursed once hundreds of sessions waited).
         """
-        ticket = self._scans_started
-        await self._locked(self._refresh_if_needed, ticket, force)
-
-    async def _refresh_if_needed(self, ticket: int, force: bool) -> None:
-        if not force and self._scans_started > ticket:
+        if force:
+            await self._locked(self._refresh_locked, True)
             return
-        await self._refresh_locked(force)
+        queued = self._queued_refresh
+        if queued is None:
+            queued = self._queued_refresh = _Waiters()
+            d = defer.Deferred.fromCoroutine(self._locked(self._run_queued, queued))
+            d.addErrback(self._queued_failed, queued)
+        await queued.wait()
+
+    def _queued_failed(self, failure: Failure, queued: "_Waiters") -> None:
+        """A queued refresh that failed before or while scanning (the folder is
+        gone, say) fails for every session waiting on it."""
+        if self._queued_refresh is queued:
+            self._queued_refresh = None
+        if not queued.fired:
+            queued.fire(failure)
+
+    async def _run_queued(self, queued: "_Waiters") -> None:
+        if self._queued_refresh is queued:
+            self._queued_refresh = None  # started: later requests queue another scan
+        await self._refresh_locked(False)
+        queued.fire(None)
 
     async def _refresh_locked(self, force: bool = False) -> ScanResult | None:
-        self._scans_started += 1
         try:
             result = await self._run(self._scan_blocking, force)
         except FolderNotFound:
@@ -1227,6 +1243,37 @@ class View:
     def flag_list(self, message: Message) -> bytes:
         return _flag_list(message.flags, message.uid in self.recent)
 
+
+class _Waiters:
+    """Deferreds waiting for one result, fired one after the other."""
+
+    def __init__(self) -> None:
+        self._waiting: list[defer.Deferred] = []
+        self._result: Any = _PENDING
+
+    @property
+    def fired(self) -> bool:
+        return self._result is not _PENDING
+
+    def wait(self) -> defer.Deferred:
+        if self._result is not _PENDING:
+            return defer.fail(self._result) if isinstance(self._result, Failure) \
+                else defer.succeed(self._result)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def fire(self, result: Any) -> None:
+        self._result = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+_PENDING = object()
 
 _FLAG_LISTS: dict[tuple[frozenset[str], bool], bytes] = {}
 
