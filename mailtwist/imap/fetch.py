@@ -102,12 +102,25 @@ def _parse_item(atom: bytes) -> FetchItem:
     if spec.text:
         canonical = f"{canonical}.{spec.text}" if canonical else spec.text
     if spec.fields:
-        canonical += " (" + " ".join(f.upper() for f in spec.fields) + ")"
+        canonical += " (" + " ".join(_header_name(f) for f in spec.fields) + ")"
     key = b"BODY[" + canonical.encode("ascii", "replace") + b"]"
     if start is not None:
         key += b"<%d>" % start
     peek = match.group(1).upper() == b"BODY.PEEK"
     return FetchItem(b"SECTION", spec_text, start, length, peek, key)
+
+
+_ATOM_SPECIALS = frozenset('(){ %*"\\]')
+
+
+def _header_name(name: str) -> str:
+    """A header-list name as echoed in the FETCH response: upper-cased, and
+    quoted unless it is an atom, so that ``("X Y")`` does not come back as
+    two names nor ``("X\\"Y")`` as broken syntax (RFC 3501 header-fld-name)."""
+    name = name.upper()
+    if name and all(" " < c <= "~" and c not in _ATOM_SPECIALS for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _literal(data: bytes) -> bytes:

@@ -405,10 +405,14 @@ class IMAPServer(SerialCommands, IMAP4Server):
             self._mailbox_gone()
             return
         except OSError as e:
-            log.failure("IMAP {name} failed", name=name)
             if e.errno == errno.EDQUOT:
+                log.error("IMAP {name} failed: {error}", name=name, error=e)
                 status, text = b"NO", b"[OVERQUOTA] Disk quota exceeded."
+            elif e.errno == errno.ENOSPC:  # as Dovecot: a full disk is a quota
+                log.error("IMAP {name} failed: {error}", name=name, error=e)
+                status, text = b"NO", b"[OVERQUOTA] Not enough disk space."
             else:
+                log.failure("IMAP {name} failed", name=name)
                 status, text = b"NO", b"[SERVERBUG] Internal error, try again later."
         except Exception:  # noqa: BLE001 - answered NO [SERVERBUG] and logged
             log.failure("IMAP {name} failed", name=name)
@@ -845,8 +849,9 @@ class IMAPServer(SerialCommands, IMAP4Server):
             lines.append(b"* OK [UNSEEN %d] First unseen." % unseen)
         lines += [b"* OK [UIDVALIDITY %d] UIDs valid." % shared.uidvalidity,
                   b"* OK [UIDNEXT %d] Predicted next UID." % shared.uidnext]
-        if self.condstore:
-            lines.append(b"* OK [HIGHESTMODSEQ %d] Highest." % shared.modseq)
+        # RFC 7162 3.1.2.1: with MODSEQs persisted, every SELECT/EXAMINE says
+        # HIGHESTMODSEQ, CONDSTORE enabled or not (Dovecot does the same).
+        lines.append(b"* OK [HIGHESTMODSEQ %d] Highest." % shared.modseq)
         if resync is not None and resync[0] == shared.uidvalidity:
             lines += self._resync_lines(view, *resync[1:])
         self._write_lines(lines)

@@ -375,7 +375,11 @@ def tokenize(parts: list[bytes]) -> list[Token]:
     (``BODY[HEADER.FIELDS (To From)]<0.100>``). Runs of spaces are accepted.
     """
     stack: list[list[Token]] = [[]]
-    for part in parts:
+    parts = list(parts)
+    k = 0
+    while k < len(parts):
+        part = parts[k]
+        k += 1
         if isinstance(part, Literal):
             stack[-1].append(String(part))
             continue
@@ -416,12 +420,27 @@ def tokenize(parts: list[bytes]) -> list[Token]:
                     elif c < 0x20 or c == 0x7F:
                         raise ParseError("control character in atom")
                     i += 1
+                if depth and k < len(parts) and isinstance(parts[k], Literal):
+                    # A header-fld-name sent as a literal inside BODY[HEADER.FIELDS
+                    # (...)]: splice it in quoted and go on scanning the atom.
+                    part = part[start:] + _quote(parts[k]) + (
+                        parts[k + 1] if k + 1 < len(parts) else b"")
+                    k += 2
+                    i, n = 0, len(part)
+                    continue
                 if depth:
                     raise ParseError("unbalanced '['")
                 stack[-1].append(Atom(part[start:i]))
     if len(stack) != 1:
         raise ParseError("unbalanced '('")
     return stack[0]
+
+
+def _quote(value: bytes) -> bytes:
+    """*value* as a quoted string; ParseError if it cannot be one (CR, LF, NUL)."""
+    if any(c in value for c in b"\r\n\0"):
+        raise ParseError("literal in a section cannot hold CR, LF or NUL")
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 def _quoted(data: bytes, i: int) -> tuple[bytes, int]:
