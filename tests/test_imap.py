@@ -151,6 +151,9 @@ class MailboxTests(IMAPTestCase):
                 self.assertIn(b"\\" + folder.encode(), names[folder])
             subscribed = [line.rpartition(b" ")[2] for line in ok(client.lsub('""', "*"))]
             self.assertIn(b'"Sent"', subscribed)
+            # a new mailbox has INBOX subscribed too (clients that show only
+            # subscribed folders would hide it otherwise)
+            self.assertIn(b"INBOX", [name.strip(b'"') for name in subscribed])
         return self.in_thread(check)
 
     def test_create_hierarchy_delete_rename(self):

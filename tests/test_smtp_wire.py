@@ -660,13 +660,16 @@ class ParseMailFromTests(SynchronousTestCase):
         self.assertParses(
             b"FROM:<" + b"l" * 64 + b"@example.org>", "l" * 64 + "@example.org"
         )
-        self.assertRejected(b"FROM:<" + b"l" * 65 + b"@example.org>")
+        # Local parts over RFC 5321's 64 octets (SRS, VERP) are accepted, as
+        # Postfix does; only the whole path is limited.
+        srs = "SRS0=HHH=TT=sender.example=" + "l" * 60
+        self.assertParses(f"FROM:<{srs}@forwarder.example>".encode(),
+                          f"{srs}@forwarder.example")
         domain = ".".join(["d" * 61] * 3) + ".example"  # 192 octets
         fits = "l" * (254 - len(domain) - 1) + "@" + domain
         self.assertEqual(len(fits), 254)
         self.assertParses(b"FROM:<" + fits.encode() + b">", fits)
         self.assertRejected(b"FROM:<l" + fits.encode() + b">")
-        self.assertRejected("FROM:<{}@example.org>".format("ü" * 33).encode())
 
     def test_malformed_params(self) -> None:
         for params in (

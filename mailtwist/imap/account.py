@@ -272,8 +272,10 @@ class IMAPAccount:
                         self.maildir.folder(name)
                         created.append(name)
                 if created:
+                    # a new mailbox: INBOX is subscribed too (LSUB and
+                    # LIST (SUBSCRIBED) list it, as with Dovecot)
                     names = self._subscriptions_blocking()
-                    self._save_subscriptions(names | set(created))
+                    self._save_subscriptions(names | set(created) | {"INBOX"})
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
