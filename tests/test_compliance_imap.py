@@ -96,3 +96,27 @@ class HeaderListEchoTests(IMAPTestCase):
                              b"Subject: echo\r\n\r\n")
 
         return self.in_thread(check).addCallback(verify)
+
+
+class CopyOrderTests(IMAPTestCase):
+    """UIDPLUS COPYUID (RFC 4315): copies are numbered in source order."""
+
+    def test_copy_of_older_mail_keeps_source_order(self):
+        """Guards UID order on COPY: the copies keep each message's INTERNALDATE
+        (older and older here, against UID order), yet copy n gets the n-th new
+        UID, as with Dovecot."""
+        def check():
+            client = self.imap()
+            for n, date in enumerate(("01-Jan-2026", "01-Jan-2020", "01-Jan-2010")):
+                ok(client.append("INBOX", "(\\Seen)", f'"{date} 12:00:00 +0000"',
+                                 message(f"m{n}")))
+            ok(client.select("INBOX"))
+            return ok(client.copy("1:3", "Archive"))
+
+        def verify(reply):
+            code = reply[0].split(b"]")[0]
+            self.assertTrue(code.startswith(b"[COPYUID "), reply)
+            _, _, source, target = code.split()
+            self.assertEqual((source, target), (b"1:3", b"1:3"))
+
+        return self.in_thread(check).addCallback(verify)

@@ -188,12 +188,24 @@ class UidTests(StorageTestCase):
         self.assertEqual(again.uidvalidity, folder.uidvalidity)
         self.assertEqual(again.uidnext, 6)
 
-    def test_arrivals_ordered_by_mtime_then_name(self) -> None:
+    def test_our_arrivals_numbered_in_delivery_order(self) -> None:
+        """Guards COPY/APPEND UID order: the mtime is the INTERNALDATE, so a
+        copy of older mail must still get UIDs in the order it was written."""
         md = self.make_maildir()
         late = md.deliver(b"late\n", mtime=2_000_000_000)
         early = md.deliver(b"early\n", mtime=1_000_000_000)
         infos = md.folder().scan()
-        self.assertEqual([i.base for i in infos], [early, late])
+        self.assertEqual([i.base for i in infos], [late, early])
+
+    def test_foreign_arrivals_ordered_by_mtime(self) -> None:
+        """Files another program named its own way are numbered by their time."""
+        md = self.make_maildir()
+        new = md.root / "new"
+        for name, mtime in (("zzz-late", 2_000_000_000), ("aaa-early", 1_000_000_000)):
+            (new / name).write_bytes(b"x\n")
+            os.utime(new / name, (mtime, mtime))
+        infos = md.folder().scan()
+        self.assertEqual([i.base for i in infos], ["aaa-early", "zzz-late"])
 
     def test_uidlist_format(self) -> None:
         md = self.make_maildir()

@@ -327,6 +327,21 @@ def _unique_base(hostname: str, size: int, vsize: int) -> str:
     return f"{secs}.M{nsecs // 1000}P{os.getpid()}Q{q}.{hostname},S={size},W={vsize}"
 
 
+_BASE_TIME = re.compile(r"^([0-9]+)\.M([0-9]+)P[0-9]+(?:Q([0-9]+))?\.")
+
+
+def _arrival_key(base: str, mtime_ns: int) -> tuple[int, int]:
+    """Order in which new messages get UIDs: the delivery time in a Maildir
+    name of ours or Dovecot's (``secs.Musecs...``, then our per-process
+    counter), else the file's time.  Not the mtime alone: APPEND and COPY set it
+    to the INTERNALDATE, and a COPY of 1:3 must number its copies in order."""
+    match = _BASE_TIME.match(base)
+    if match is None:
+        return mtime_ns, 0
+    secs, usecs, q = match.groups()
+    return int(secs) * 1_000_000_000 + int(usecs) * 1000, int(q or 0)
+
+
 _BASE_PID_HOST = re.compile(r"^[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\.([^,:]+)")
 TMP_MAX_AGE = 36 * 3600
 
@@ -983,7 +998,7 @@ class Folder:
                     continue
                 listing[base] = (moved.parent.name, moved.name)
             mtimes[base] = st.st_mtime
-            arrivals.append((st.st_mtime_ns, listing[base][1], base))
+            arrivals.append((_arrival_key(base, st.st_mtime_ns), listing[base][1], base))
         arrivals.sort()
         nextuid = state.nextuid
         for _, _, base in arrivals:
