@@ -30,6 +30,8 @@ from typing import Any
 from twisted.internet import protocol
 from twisted.logger import Logger
 
+from mailtwist.wrapping import WrappingFactory
+
 log = Logger()
 
 FAMILIES = {
@@ -180,7 +182,7 @@ class Refusal(protocol.Protocol):
         self.transport.loseConnection()
 
 
-class LimitedFactory(protocol.Factory):
+class LimitedFactory(WrappingFactory):
     """Wraps a listener's protocol factory with the limiter's connection caps.
 
     A connection within the caps gets the wrapped factory's protocol, whose
@@ -190,24 +192,11 @@ class LimitedFactory(protocol.Factory):
 
     def __init__(self, wrapped: protocol.Factory, limiter: ConnectionLimiter, role: str,
                  hostname: str) -> None:
-        self.wrappedFactory = wrapped
+        super().__init__(wrapped)
         self.limiter = limiter
         self.family = FAMILIES.get(role, role)
         self.hostname = hostname
-        self.noisy = False
         self.refused = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["wrappedFactory"], name)
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
-
-    def logPrefix(self) -> str:
-        return self.wrappedFactory.logPrefix()
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
         host = str(getattr(addr, "host", addr))

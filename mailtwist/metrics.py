@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
 
+from mailtwist.wrapping import WrappingFactory
+
 PREFIX = "mailtwist"
 
 
@@ -118,29 +120,12 @@ class _Proxy:
         return getattr(self._wrapped, name)
 
 
-class CountingFactory(Factory):
-    """Counts connections, then lets the wrapped factory build the protocol.
-
-    Other attributes are the wrapped factory's, so code that inspects the
-    listener's factory (``wrappedFactory`` or attributes of it) still works.
-    """
+class CountingFactory(WrappingFactory):
+    """Counts connections, then lets the wrapped factory build the protocol."""
 
     def __init__(self, wrapped: Factory, counter: Any) -> None:
-        self.wrappedFactory = wrapped
+        super().__init__(wrapped)
         self.counter = counter
-        self.noisy = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["wrappedFactory"], name)
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
-
-    def logPrefix(self) -> str:
-        return self.wrappedFactory.logPrefix()
 
     def buildProtocol(self, addr):
         protocol = self.wrappedFactory.buildProtocol(addr)

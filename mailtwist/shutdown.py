@@ -25,33 +25,19 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailtwist.wrapping import WrappingFactory
+
 log = Logger()
 
 POLL_INTERVAL = 0.1
 
 
-class TrackingFactory(Factory):
-    """Builds protocols with the wrapped factory and remembers them (weakly).
-
-    Other attributes are the wrapped factory's, like metrics.CountingFactory.
-    """
+class TrackingFactory(WrappingFactory):
+    """Builds protocols with the wrapped factory and remembers them (weakly)."""
 
     def __init__(self, wrapped: Factory, tracker: SessionTracker) -> None:
-        self.wrappedFactory = wrapped
+        super().__init__(wrapped)
         self.tracker = tracker
-        self.noisy = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["wrappedFactory"], name)
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
-
-    def logPrefix(self) -> str:
-        return self.wrappedFactory.logPrefix()
 
     def buildProtocol(self, addr):
         protocol = self.wrappedFactory.buildProtocol(addr)
