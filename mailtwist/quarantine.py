@@ -194,6 +194,28 @@ class QuarantineStore:
             except (OSError, QuarantineError):
                 pass
 
+    def clean_blocking(self, now: float | None = None, max_age: float = 3600.0) -> int:
+        """Remove what a crash left: temp files, and messages whose envelope was
+        never written (the client was not told 250 for them), once older than
+        *max_age* seconds, so that live writes (other workers') are never
+        touched. Returns how many files went."""
+        now = time.time() if now is None else now
+        removed = 0
+        candidates = list(self.tmp.iterdir()) if self.tmp.is_dir() else []
+        if self.root.is_dir():
+            candidates += [p for p in self.root.iterdir() if p.name.endswith(".msg")
+                           and not (self.root / (p.name[:-4] + ".json")).exists()]
+        for path in candidates:
+            try:
+                st = path.lstat()
+                if not path.is_file() or now - st.st_mtime < max_age:
+                    continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     @staticmethod
     def _unlink(path: Path) -> None:
         try:

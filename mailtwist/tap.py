@@ -175,12 +175,14 @@ class ThreadPoolService(service.Service):
 
 class TmpCleanupService(service.Service):
     """Once at start-up, in a worker thread: remove what crashed deliveries left
-    in the Maildirs' tmp/ (rule: `Maildir.clean_tmp`)."""
+    in the Maildirs' tmp/ (rule: `Maildir.clean_tmp`) and in the quarantine
+    (`QuarantineStore.clean_blocking`)."""
 
-    def __init__(self, store, reactor, pool: ThreadPool) -> None:
+    def __init__(self, store, reactor, pool: ThreadPool, quarantine=None) -> None:
         self.store = store
         self.reactor = reactor
         self.pool = pool
+        self.quarantine = quarantine
         self.done: defer.Deferred | None = None
 
     def startService(self) -> None:
@@ -198,6 +200,8 @@ class TmpCleanupService(service.Service):
             for account in _subdirs(domain):
                 maildirs += 1
                 removed += Maildir(account, hostname=self.store.hostname).clean_tmp()
+        if self.quarantine is not None:
+            removed += self.quarantine.clean_blocking()
         return maildirs, removed
 
     def _cleaned(self, result: tuple[int, int]) -> None:
@@ -426,6 +430,8 @@ def build_service(config: Config, reactor=None, filters: dict | None = None,
     top.directory, top.store, top.delivery, top.portal = directory, store, delivery, portal
     top.throttle = throttle
     top.quarantine = QuarantineStore(config.data_dir / "quarantine", reactor, io_pool)
+    if worker is None:
+        top.tmp_cleanup.quarantine = top.quarantine
     top.filter_chains = chains
 
     # Connection caps of every listener (docs/security.md); the total stays

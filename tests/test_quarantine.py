@@ -260,3 +260,48 @@ class StoreTests(unittest.TestCase):
         """A reason with CR/LF is refused when the verdict is made (it is logged and stored)."""
         self.assertRaises(ValueError, Quarantine, "a\r\nb")
         self.assertEqual(Quarantine().reason, "quarantined by a filter")
+
+
+class CrashLeftoverTests(unittest.TestCase):
+    """What a crash leaves in the quarantine is removed at start-up."""
+
+    def test_old_leftovers_go_fresh_and_complete_entries_stay(self):
+        """Guards the start-up cleanup: old temp files and messages without an
+        envelope (never acknowledged) go; fresh ones (a write in progress,
+        maybe by another worker) and complete entries stay."""
+        import time
+
+        store = QuarantineStore(self.mktemp())
+        kept = store.add_blocking(b"Subject: kept\r\n\r\nx\r\n",
+                                  QuarantineEntry(sender="a@b.test", reason="test",
+                                                  stage="data", remote=["c@d.test"]))
+        old = time.time() - 7200
+        leftovers = [store.tmp / "x.msg.abc", store.root / "Q0ORPHAN.msg"]
+        fresh = store.tmp / "y.msg.def"
+        for path in leftovers + [fresh]:
+            path.write_bytes(b"partial")
+        for path in leftovers:
+            os.utime(path, (old, old))
+        os.utime(store.root / f"{kept}.msg", (old, old))
+        self.assertEqual(store.clean_blocking(), 2)
+        self.assertFalse(any(path.exists() for path in leftovers))
+        self.assertTrue(fresh.exists())
+        self.assertEqual(store.ids(), [kept])
+        self.assertEqual(store.read_message(kept), b"Subject: kept\r\n\r\nx\r\n")
+
+    def test_start_up_cleanup_covers_the_quarantine(self):
+        """Guards the wiring: the server's start-up cleanup runs the quarantine's."""
+        from mailtwist.config import load_config
+        from mailtwist.tap import build_service
+
+        data = Path(self.mktemp()).resolve()
+        config = load_config(None, {"data_dir": str(data), "hostname": "mx.example.test",
+                                    "listen": {}})
+        top = build_service(config)
+        self.assertIs(top.tmp_cleanup.quarantine, top.quarantine)
+        leftover = top.quarantine.tmp / "z.msg.old"
+        leftover.parent.mkdir(parents=True)
+        leftover.write_bytes(b"partial")
+        os.utime(leftover, (1, 1))
+        top.tmp_cleanup._clean()
+        self.assertFalse(leftover.exists())
