@@ -56,7 +56,7 @@ class SMTPLimits:
     max_recipients: int = 100
     max_command_line: int = 2048
     max_data_line: int = 65536
-    max_errors: int = 10
+    max_errors: int = 20  # Postfix smtpd_hard_error_limit
     idle_timeout: int = 300
 
 
