@@ -237,10 +237,10 @@ class QueueRunner(service.Service):
                     last = f"; last error: {r.text}" if r.text else ""
                     _mark(r, FAILED, now, r.code, _temporary_status(r.enhanced, "4.4.7"),
                           f"delivery time expired{last}")
-            elif received_count(message) > self.settings.max_hops:
+            elif (hops := received_count(message)) > self.settings.max_hops:
                 for r in pending:
                     _mark(r, FAILED, now, None, "5.4.6",
-                          f"too many hops ({received_count(message)} Received headers): "
+                          f"too many hops ({hops} Received headers): "
                           "mail loop")
             else:
                 outgoing = await self._outbound_stage(envelope, pending, message, now)

@@ -702,13 +702,15 @@ class MailtwistSMTP(ESMTP):
             self.reply(550, "5.6.0", f"Error: message has a line longer than "
                                      f"{self.limits.max_data_line} bytes")
             return None
-        hops = received_count(bytes(txn.content)) + 1
+        # No bytes() copy of the whole message: the count reads the header
+        # section only, and the concatenation below makes the one copy.
+        hops = received_count(txn.content) + 1
         if hops > self.factory.config.queue.max_hops:
             self.reply(554, "5.4.6", f"Error: too many hops ({hops}): mail loop?")
             return None
         queue_id = os.urandom(6).hex().upper()
         self._ending = (txn, queue_id)
-        message = self.received_header(txn, queue_id) + bytes(txn.content)
+        message = self.received_header(txn, queue_id) + txn.content
         if txn.discarded or not txn.recipients:
             self._discarded(txn, queue_id)
             return None
