@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from mailtwist.delivery import LocalDelivery, Mailbox
 from mailtwist.queue.envelope import Envelope, Recipient
-from mailtwist.queue.spool import Spool
+from mailtwist.queue.spool import Spool, _fsync_dir, _write_file
 
 _ID = re.compile(r"^[0-9A-F]{8,32}$")
 
@@ -93,30 +92,6 @@ class QuarantineEntry:
         return list(seen)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(directory: Path, tmp_dir: Path, name: str, data: bytes) -> None:
-    """Write ``directory/name`` (which must not exist) through a fsynced temp file."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, directory / name)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 def new_quarantine_id() -> str:
     """A unique, time-ordered id (hex seconds, then random)."""
     return f"{int(time.time()):09X}{os.urandom(4).hex().upper()}"
@@ -163,14 +138,15 @@ class QuarantineStore:
         for _ in range(20):
             entry.id = new_quarantine_id()
             try:
-                _write_new(self.root, self.tmp, entry.id + ".msg", message)
+                _write_file(self.root, self.tmp, entry.id + ".msg", message, exclusive=True)
                 break
             except FileExistsError:
                 continue
         else:
             raise OSError("cannot find a free quarantine id")
         try:
-            _write_new(self.root, self.tmp, entry.id + ".json", entry.to_json())
+            _write_file(self.root, self.tmp, entry.id + ".json", entry.to_json(),
+                        exclusive=True)
             _fsync_dir(self.root)
         except BaseException:
             self._unlink(self.root / (entry.id + ".msg"))

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from mailtwist.queue.envelope import Envelope
+from mailtwist.storage.maildir import _fsync_dir
 
 _ID = re.compile(r"[0-9A-Za-z]{1,64}")
 ORPHAN_AGE = 3600.0
@@ -34,14 +35,6 @@ ORPHAN_AGE = 3600.0
 
 class SpoolError(Exception):
     """A spool entry is missing, malformed or busy; one line for the admin."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(directory: Path, tmp_dir: Path, name: str, data: bytes,
