@@ -25,7 +25,6 @@ entry with the oldest failure goes. Time comes from an injected clock
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from mailtwist import events
+from mailtwist.limits import client_key
 
 MAX_ACCOUNT_KEY = 320
 
@@ -91,17 +91,9 @@ def _expired(record: _Record, now: float, window: float) -> bool:
     return now - record.last >= window and record.blocked_until <= now
 
 
-def address_key(address: str) -> str:
-    """The counting key of a client address: IPv4 as is, IPv6 by its /64."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+#: The counting key of a client address: IPv4 as is, IPv6 by its /64 (the
+#: connection limits count clients the same way).
+address_key = client_key
 
 
 def account_key(username: bytes | str) -> str:
