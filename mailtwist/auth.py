@@ -112,7 +112,8 @@ class BcryptChecker:
 
     def _remember(self, verified: tuple[str, bytes], username: str, password: str) -> str:
         address, password_hash = verified
-        self.cache.add(username, password, password_hash)
+        if self.cache is not None:
+            self.cache.add(username, password, password_hash)
         return address
 
     def _dummy_hash(self) -> bytes:
@@ -142,12 +143,10 @@ class BcryptChecker:
         password = _text(creds.password)
         if username is None or password is None or not username or not password:
             return defer.fail(error.UnauthorizedLogin("authentication failed"))
-        if self.cache is None:
-            d = deferToThreadPool(self.reactor, self.threadpool, self._verify, username, password)
-            return d.addCallback(lambda verified: verified[0])
-        address = self._cached(username, password)
-        if address is not None:
-            return defer.succeed(address)
+        if self.cache is not None:
+            address = self._cached(username, password)
+            if address is not None:
+                return defer.succeed(address)
         d = deferToThreadPool(self.reactor, self.threadpool, self._verify, username, password)
         return d.addCallback(self._remember, username, password)
 
