@@ -1028,12 +1028,8 @@ class FileDirectory:
                 if canonical in present:
                     result.existing.append(canonical)
                     continue
-                if domain not in domains:
-                    if not add_domains:
-                        result.unknown_domain.append(canonical)
-                        continue
-                    domains.add(domain)
-                    result.domains_added.append(domain)
+                if not result.admit(domain, domains, add_domains, canonical):
+                    continue
                 entry = _UserLine(canonical, account.scheme_and_hash, [""] * 5, [])
                 entry.set_enabled(account.enabled)
                 new_lines.append(entry.format())
@@ -1072,12 +1068,8 @@ class FileDirectory:
                 if not targets:
                     raise DirectoryError(f"alias {key!r} needs at least one target")
                 domain = key.rpartition("@")[2]
-                if domain not in domains:
-                    if not add_domains:
-                        result.unknown_domain.append(key)
-                        continue
-                    domains.add(domain)
-                    result.domains_added.append(domain)
+                if not result.admit(domain, domains, add_domains, key):
+                    continue
                 entries = by_key.get(key)
                 if not entries:
                     entry = _AliasEntry(-1, -1, key, targets)
@@ -1123,6 +1115,19 @@ class BulkResult:
     existing: list[str] = field(default_factory=list)
     unknown_domain: list[str] = field(default_factory=list)
     domains_added: list[str] = field(default_factory=list)
+
+    def admit(self, domain: str, domains: set[str], add_domains: bool, name: str) -> bool:
+        """Whether *name* (in *domain*) may be imported: a local domain, or one
+        added to *domains* (and ``domains_added``) when *add_domains*; else
+        *name* goes to ``unknown_domain``."""
+        if domain in domains:
+            return True
+        if not add_domains:
+            self.unknown_domain.append(name)
+            return False
+        domains.add(domain)
+        self.domains_added.append(domain)
+        return True
 
 
 def _rewrite_entries(
