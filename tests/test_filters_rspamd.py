@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
@@ -24,7 +23,7 @@ from mailtwist.filters.loader import build_filter, installed_factories
 from mailtwist.filters.rspamd import RspamdFilter, rspamd
 from mailtwist.interfaces import Continue, IFilter, IFilterFactory, MailboxEvent
 from mailtwist.testing import FilterTestServer
-from tests.test_filters_spamd import HAM, crlf, free_port
+from tests.test_filters_spamd import HAM, crlf, free_port, spawn_daemon
 
 GTUBE_TAIL = b"JS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -350,18 +349,7 @@ class RealRspamdTests(RspamdTestMixin, unittest.TestCase):
                 f"--var=RUNDIR={home / 'run'}", f"--var=LOCAL_CONFDIR={home / 'local'}"]
         if os.geteuid() == 0:
             args += ["-u", "nobody", "-g", "nogroup"]
-        log = open(home / "rspamd.log", "wb")  # noqa: SIM115 - closed by the cleanup
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-
-        def stop():
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
-        self.addCleanup(stop)
+        process = spawn_daemon(self, args, home / "rspamd.log", stop_wait=20)
         self.url = f"http://127.0.0.1:{port}"
         for _ in range(1800):
             if process.poll() is not None:

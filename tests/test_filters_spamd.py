@@ -377,19 +377,27 @@ def start_spamd(testcase) -> tuple[subprocess.Popen, int, Path]:
             f"--pidfile={home / 'spamd.pid'}"]
     if os.geteuid() == 0:
         args += ["-u", "nobody"]
-    log = open(home / "spamd.log", "wb")  # noqa: SIM115 - closed by the cleanup
+    process = spawn_daemon(testcase, args, home / "spamd.log", stop_wait=10)
+    return process, port, home / "spamd.log"
+
+
+def spawn_daemon(testcase, args: list[str], log_path: Path,
+                 stop_wait: float) -> subprocess.Popen:
+    """Start a real scanner daemon logging to *log_path*; the cleanup stops it
+    (terminate, then kill after *stop_wait* seconds) and closes the log."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the cleanup
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
     def stop():
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(stop_wait)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
         log.close()
     testcase.addCleanup(stop)
-    return process, port, home / "spamd.log"
+    return process
 
 
 class RealSpamdTests(SpamdTestMixin, unittest.TestCase):

@@ -385,6 +385,10 @@ class TLSPolicyTests(OutboundTestCase):
                                   tls_ca_file=str(self.receiver.config.cert_path))
         yield self.submit(["carol@remote.test"], message("verified"))
         yield wait_for(lambda: self.inbox(self.receiver, "carol@remote.test"))
+        [received] = self.inbox(self.receiver, "carol@remote.test")
+        self.assertIn(b"Subject: verified", received)
+        top = received.split(b"\nReceived: ", 2)
+        self.assertIn(b"by mx.remote.test (mailtwist) with ESMTPS id", top[1])
 
     @defer.inlineCallbacks
     def test_unverifiable_certificate_defers(self):
