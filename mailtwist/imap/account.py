@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import pathlib
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ from mailtwist.storage.maildir import (
     FolderNotFound,
     InvalidFolderName,
     Maildir,
+    _write_atomic,
     validate_folder_name,
 )
 
@@ -83,24 +84,7 @@ class MailboxError(Exception):
 
 
 def _write_lines(path: str, lines: Iterable[str]) -> None:
-    _write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_atomic(pathlib.Path(path), "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 SUBSCRIPTIONS_V2 = "V\t2\n\n"
@@ -231,7 +215,7 @@ class IMAPAccount:
             return set()
 
     def _save_subscriptions(self, names: set[str]) -> None:
-        _write_bytes(os.path.join(self.root, SUBSCRIPTIONS_NAME), format_subscriptions(names))
+        _write_atomic(pathlib.Path(self.root, SUBSCRIPTIONS_NAME), format_subscriptions(names))
 
     def _special_blocking(self) -> dict[str, tuple[str, ...]]:
         """Folder name -> special-use attributes (explicit ones override the defaults)."""
