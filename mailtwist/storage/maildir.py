@@ -546,13 +546,7 @@ class _DotLock:
         pid = int(pid_text)
         if pid == os.getpid():
             return st.st_mtime < _PROCESS_START - 1
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
+        return _pid_is_dead(pid)
 
     def _break_if_stale(self) -> bool:
         """Remove the lock if stale; return True if the caller should retry at once."""
