@@ -54,7 +54,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from mailtwist.storage.maildir import _fsync, _write_atomic
 
@@ -615,40 +615,33 @@ class MessageCache:
     def put(self, rows: Iterable[tuple]) -> None:
         """Store rows (in :data:`_ROW_COLUMNS` order) in one transaction."""
         rows = list(rows)
-        if not rows:
-            return
-        with self._lock:
-            db = self._connection()
-            if db is None:
-                return
+
+        def insert(db: sqlite3.Connection) -> None:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.executemany(_INSERT, rows)
-                except UnicodeEncodeError:
-                    # A file name or header that is not valid UTF-8 (rare): escape it.
-                    db.executemany(_INSERT, [_printable_row((row[0], base_key(row[1]), *row[2:]))
-                                             for row in rows])
-                db.execute("COMMIT")
-            except sqlite3.DatabaseError as e:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._failed(e)
+                db.executemany(_INSERT, rows)
+            except UnicodeEncodeError:
+                # A file name or header that is not valid UTF-8 (rare): escape it.
+                db.executemany(_INSERT, [_printable_row((row[0], base_key(row[1]), *row[2:]))
+                                         for row in rows])
+
+        if rows:
+            self._write(insert)
 
     def forget(self, uids: Iterable[int]) -> None:
         """Remove the rows of expunged messages."""
         uids = [(uid,) for uid in uids]
-        if not uids:
-            return
+        if uids:
+            self._write(lambda db: db.executemany("DELETE FROM messages WHERE uid = ?", uids))
+
+    def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        """Run *work* in one write transaction; a damaged file starts afresh."""
         with self._lock:
             db = self._connection()
             if db is None:
                 return
             try:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("DELETE FROM messages WHERE uid = ?", uids)
+                work(db)
                 db.execute("COMMIT")
             except sqlite3.DatabaseError as e:
                 try:
