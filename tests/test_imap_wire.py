@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from mailtwist.imap import mime
 from mailtwist.imap.fetch import FetchEntry, parse_fetch_items, render
+from mailtwist.imap.mime import parse_section_spec
 from mailtwist.imap.names import (
     InvalidName,
     decode_mutf7,
@@ -344,3 +346,21 @@ class FetchItemTests(unittest.TestCase):
             render(entry, items, True, lambda info: raw),
             b"* 3 FETCH (UID 7 BODY[]<0> {7}\r\nSubject BODY[TEXT]<5> {6}\r\ntext\r\n "
             b"BODY[HEADER.FIELDS (FROM)] {13}\r\nFrom: a@b\r\n\r\n BODY[9] {0}\r\n)\r\n")
+
+    def test_section_parsed_once_per_command(self) -> None:
+        """The BODY[section] spec is parsed with the command, not again per message."""
+        raw = b"Subject: x\r\n\r\nbody\r\n"
+
+        class Info:
+            vsize = len(raw)
+            mtime = 0.0
+
+        items = parse_fetch_items([Atom(b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]")])
+        self.assertEqual(items[0].spec, parse_section_spec("HEADER.FIELDS (SUBJECT)"))
+        calls = []
+        self.patch(mime, "parse_section_spec", lambda spec: calls.append(spec))
+        for n in (1, 2):
+            self.assertEqual(render(FetchEntry(n, n, b"()", Info()), items, False, lambda i: raw),
+                             b"* %d FETCH (BODY[HEADER.FIELDS (SUBJECT)] {14}\r\n"
+                             b"Subject: x\r\n\r\n)\r\n" % n)
+        self.assertEqual(calls, [])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailtwist.imap.mime import ParsedMessage, parse_section_spec, partial
+from mailtwist.imap.mime import ParsedMessage, SectionSpec, parse_section_spec, partial
 from mailtwist.imap.wire import Atom, ParseError, Token, format_date_time
 
 SIMPLE_ITEMS = frozenset({
@@ -56,6 +56,8 @@ class FetchItem:
     length: int | None = None
     peek: bool = True
     key: bytes = b""
+    spec: SectionSpec | None = None
+    """``section`` parsed once per command, not once per message."""
 
     @property
     def needs_file(self) -> bool:
@@ -107,7 +109,7 @@ def _parse_item(atom: bytes) -> FetchItem:
     if start is not None:
         key += b"<%d>" % start
     peek = match.group(1).upper() == b"BODY.PEEK"
-    return FetchItem(b"SECTION", spec_text, start, length, peek, key)
+    return FetchItem(b"SECTION", spec_text, start, length, peek, key, spec)
 
 
 _ATOM_SPECIALS = frozenset('(){ %*"\\]')
@@ -196,7 +198,7 @@ def render(entry: FetchEntry, items: list[FetchItem], uid_first: bool,
         elif kind == b"RFC822.TEXT":
             out.append(b"RFC822.TEXT " + _literal(parsed.section("TEXT") or b""))
         else:
-            data = raw if not item.section else (parsed.section(item.section) or b"")
+            data = raw if not item.section else (parsed.section(item.spec or item.section) or b"")
             if item.start is not None:
                 data = partial(data, item.start, item.length)
             out.append(item.key + b" " + _literal(data))

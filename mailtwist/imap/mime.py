@@ -1059,16 +1059,17 @@ class ParsedMessage:
 
     # -- FETCH BODY[section] ------------------------------------------------
 
-    def section(self, spec: str) -> bytes | None:
+    def section(self, spec: str | SectionSpec) -> bytes | None:
         """The octets of ``BODY[spec]``, or None if that part does not exist.
 
         For None the server sends an empty string, as Dovecot does.
         ``N.HEADER``, ``N.TEXT`` and ``N.HEADER.FIELDS`` need part N to be a
         message/rfc822.  ``HEADER.FIELDS`` answers the matching fields in
         message order followed by an empty line.  A malformed ``spec``
-        raises :class:`ValueError` (the client's error: reply BAD).
+        raises :class:`ValueError` (the client's error: reply BAD); an
+        already parsed :class:`SectionSpec` is taken as is.
         """
-        parsed = parse_section_spec(spec)
+        parsed = spec if isinstance(spec, SectionSpec) else parse_section_spec(spec)
         raw = self.raw
         if not parsed.path:
             if parsed.text == "":

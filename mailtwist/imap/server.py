@@ -991,11 +991,12 @@ class IMAPServer(SerialCommands, IMAP4Server):
         changed_since, vanished = None, False
         if len(args) == 3:
             changed_since, vanished = self._fetch_modifiers(args[2], uid)
-        if changed_since is not None or any(item.kind == b"MODSEQ" for item in items):
+        wants_modseq = any(item.kind == b"MODSEQ" for item in items)
+        if changed_since is not None or wants_modseq:
             self._enable_condstore()
         await view.shared.refresh()
         uids = self._resolve(args[0], uid)
-        if self.condstore and not any(item.kind == b"MODSEQ" for item in items) and (
+        if self.condstore and not wants_modseq and (
                 changed_since is not None
                 or (not view.readonly and any(item.sets_seen for item in items))):
             items.append(FetchItem(b"MODSEQ", key=b"MODSEQ"))
