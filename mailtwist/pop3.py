@@ -22,6 +22,7 @@ import binascii
 import fcntl
 import os
 import re
+import threading
 from io import BytesIO
 from typing import Any, Callable, Sequence
 
@@ -172,9 +173,14 @@ class MailboxLocks:
 
     def __init__(self) -> None:
         self._held: dict[str, int | None] = {}
+        self._guard = threading.Lock()  # taken in the pool, released on the reactor
 
     def acquire(self, key: str) -> bool:
         """Take *key*; False if another session (here or in another process) holds it."""
+        with self._guard:
+            return self._acquire(key)
+
+    def _acquire(self, key: str) -> bool:
         if key in self._held:
             return False
         try:
@@ -192,7 +198,8 @@ class MailboxLocks:
         return True
 
     def release(self, key: str) -> None:
-        fd = self._held.pop(key, None)
+        with self._guard:
+            fd = self._held.pop(key, None)
         if fd is not None:
             os.close(fd)
 
@@ -325,27 +332,27 @@ def register_pop3(realm: Any, store: MailStore, reactor: IReactorThreads,
     """
     locks = DEFAULT_LOCKS if locks is None else locks
 
-    def open_blocking(address: str) -> tuple[Folder, list[MessageInfo], int]:
-        folder = store.maildir(address).folder("INBOX")
-        return folder, folder.scan(), folder.uidvalidity
+    def open_blocking(address: str, key: str) -> tuple[Folder, list[MessageInfo], int]:
+        """Lock (an flock: file I/O, so here in the pool), then scan the INBOX."""
+        if not locks.acquire(key):
+            raise MailboxInUse(address)
+        try:
+            folder = store.maildir(address).folder("INBOX")
+            return folder, folder.scan(), folder.uidvalidity
+        except BaseException:
+            locks.release(key)
+            raise
 
     def open_mailbox(address: str) -> defer.Deferred:
         key = str(store.path_for(address))
-        if not locks.acquire(key):
-            return defer.fail(MailboxInUse(address))
 
         def opened(result: tuple[Folder, list[MessageInfo], int]) -> MaildirMailbox:
             folder, messages, uidvalidity = result
             return MaildirMailbox(folder, messages, uidvalidity, reactor, threadpool,
                                   on_logout=lambda: locks.release(key))
 
-        def failed(failure: Failure) -> Failure:
-            locks.release(key)
-            return failure
-
-        d = deferToThreadPool(reactor, threadpool, open_blocking, address)
-        d.addCallbacks(opened, failed)
-        return d
+        d = deferToThreadPool(reactor, threadpool, open_blocking, address, key)
+        return d.addCallback(opened)
 
     realm.register(IMailbox, open_mailbox)
     return locks
