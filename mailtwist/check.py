@@ -250,13 +250,14 @@ def name_matches(pattern: str, hostname: str) -> bool:
 
 
 def check_certificate(pem: bytes, hostname: str, now: datetime.datetime,
-                      section: Section, where: str = "certificate") -> None:
-    """Expiry (FAIL when expired, WARN within 14 days), host name, self-signed."""
+                      section: Section, where: str = "certificate") -> x509.Certificate | None:
+    """Expiry (FAIL when expired, WARN within 14 days), host name, self-signed.
+    Returns the (first) certificate checked, None when *pem* holds none."""
     try:
         cert = x509.load_pem_x509_certificates(pem)[0]
     except ValueError as e:
         section.fail(f"{where} is not a PEM certificate ({e})", "set [tls] cert to a PEM file")
-        return
+        return None
     renew = ("renew it (e.g. certbot renew) and restart the server;"
              " a self-signed one: delete data_dir/tls and restart")
     not_after = _utc(cert.not_valid_after_utc)
@@ -284,6 +285,7 @@ def check_certificate(pem: bytes, hostname: str, now: datetime.datetime,
                      " set [tls] cert and key")
     else:
         section.ok(f"{where} issued by {cert.issuer.rfc4514_string()}")
+    return cert
 
 
 # -- talking to the listeners -------------------------------------------------------
@@ -483,14 +485,7 @@ def _relay_probe(host: str, port: int, local: str, timeout: float, section: Sect
 def probe_smtp(role: str, host: str, port: int, config: Config, local: str,
                timeout: float, section: Section, der: bytes | None) -> None:
     if role in IMPLICIT_TLS_ROLES:
-        try:
-            tls = _start_tls("tls", host, port, config.hostname, _client_context(), timeout)
-            tls.close()
-        except (OSError, ProbeError) as e:
-            section.fail(f"no TLS handshake: {e}", "check [tls] and the server's log")
-            return
-        section.ok("implicit TLS handshake")
-        _tls_versions("tls", host, port, config.hostname, timeout, section, der)
+        _implicit(host, port, config, timeout, section, der)
         return
     client = LineClient(host, port, timeout)
     try:
@@ -547,6 +542,24 @@ def _auth_after_tls(host: str, port: int, config: Config, timeout: float,
         client.close()
 
 
+def _greeting(section: Section, greeting: str, good: bool) -> bool:
+    """Report an IMAP or POP3 listener's greeting; FAIL (and False) unless *good*."""
+    if not good:
+        section.fail(f"greeting {greeting[:80]!r}", "check the server's log")
+        return False
+    section.ok(f"greeting: {greeting[:60]}")
+    return True
+
+
+def _tls_offered(section: Section, command: str, offered: bool) -> bool:
+    """Report whether the TLS upgrade *command* (STARTTLS, STLS) is offered; *offered*."""
+    if offered:
+        section.ok(f"{command} offered")
+    else:
+        section.fail(f"{command} not offered", "configure [tls] cert and key")
+    return offered
+
+
 def probe_imap(role: str, host: str, port: int, config: Config, timeout: float,
                section: Section, der: bytes | None) -> None:
     if role in IMPLICIT_TLS_ROLES:
@@ -555,16 +568,10 @@ def probe_imap(role: str, host: str, port: int, config: Config, timeout: float,
     client = LineClient(host, port, timeout)
     try:
         greeting = client.line()
-        if not greeting.upper().startswith("* OK"):
-            section.fail(f"greeting {greeting[:80]!r}", "check the server's log")
+        if not _greeting(section, greeting, greeting.upper().startswith("* OK")):
             return
-        section.ok(f"greeting: {greeting[:60]}")
         caps = " ".join(client.imap("c1", "CAPABILITY")).upper().split()
-        starttls = "STARTTLS" in caps
-        if starttls:
-            section.ok("STARTTLS offered")
-        else:
-            section.fail("STARTTLS not offered", "configure [tls] cert and key")
+        starttls = _tls_offered(section, "STARTTLS", "STARTTLS" in caps)
         if "LOGINDISABLED" in caps:
             section.ok("LOGINDISABLED before STARTTLS")
         else:
@@ -585,16 +592,10 @@ def probe_pop3(role: str, host: str, port: int, config: Config, timeout: float,
     client = LineClient(host, port, timeout)
     try:
         greeting = client.line()
-        if not greeting.startswith("+OK"):
-            section.fail(f"greeting {greeting[:80]!r}", "check the server's log")
+        if not _greeting(section, greeting, greeting.startswith("+OK")):
             return
-        section.ok(f"greeting: {greeting[:60]}")
         caps = [line.upper() for line in client.pop3("CAPA", multiline=True)[1:]]
-        stls = "STLS" in caps
-        if stls:
-            section.ok("STLS offered")
-        else:
-            section.fail("STLS not offered", "configure [tls] cert and key")
+        stls = _tls_offered(section, "STLS", "STLS" in caps)
         answer = client.pop3("USER mailtwist-check")[0]
         if answer.startswith("+OK"):
             section.fail("USER accepted before STLS: passwords may be sent unencrypted",
@@ -869,13 +870,11 @@ def run_check(config: Config, *, server: str | None = None,
         cert_section.fail(f"cannot read {config.cert_path}: {e.strerror}",
                           "set [tls] cert, or start the server once to make a self-signed one")
     else:
-        check_certificate(pem, config.hostname, now, cert_section)
-        try:
+        cert = check_certificate(pem, config.hostname, now, cert_section)
+        if cert is not None:
             from cryptography.hazmat.primitives.serialization import Encoding
 
-            der = x509.load_pem_x509_certificates(pem)[0].public_bytes(Encoding.DER)
-        except ValueError:
-            der = None
+            der = cert.public_bytes(Encoding.DER)
 
     local = domains[0] if domains else config.hostname
     for role, host, port in listener_targets(config, server):
