@@ -102,9 +102,8 @@ class Reloader:
 
     def prepare(self) -> ReloadPlan:
         """Load and check everything; raise (ConfigError) on the first problem."""
-        from mailtwist.directory import DirectoryError
         from mailtwist.filters.loader import build_chains
-        from mailtwist.tls import ensure_certificate, load_server_tls
+        from mailtwist.tls import ensure_default_certificate, load_server_tls
 
         live: Config = self.top.config
         overrides = {**getattr(self.top, "config_overrides", {}), **self.overrides}
@@ -118,16 +117,10 @@ class Reloader:
                 setattr(new, name, getattr(live, name))
         if new.tls_cert is None:
             # Back to the self-signed default: made on first use, as at start.
-            try:
-                ensure_certificate(new.data_dir, new.hostname)
-            except OSError as e:
-                raise ConfigError(f"tls: cannot create a certificate in "
-                                  f"{new.data_dir / 'tls'}: {e.strerror}") from None
+            ensure_default_certificate(new.data_dir, new.hostname)
         material = load_server_tls(new.cert_path, new.key_path)
-        try:
-            _check_directory_settings(new)
-        except DirectoryError as e:
-            raise ConfigError(str(e)) from None
+        # plus_separator and postmaster need no check of their own: load_config
+        # refuses what FileDirectory would.
         chains = build_chains(new, clock=self.reactor,
                               threadpool=getattr(self.top, "io_pool", None))
         chains.update(getattr(self.top, "fixed_filters", None) or {})
@@ -176,19 +169,6 @@ def _switch_filters(top: Any, chains: dict[str, Any]) -> None:
         dispatcher.outbound_filters = chains["outbound"]
     if hasattr(top, "filter_chains"):
         top.filter_chains = chains
-
-
-def _check_directory_settings(config: Config) -> None:
-    """The directory's own checks of plus_separator and postmaster."""
-    from mailtwist.directory import DirectoryError, validate_address
-
-    if "@" in config.plus_separator:
-        raise DirectoryError("the plus-address separator cannot contain '@'")
-    if config.postmaster:
-        try:
-            validate_address(config.postmaster)
-        except DirectoryError as e:
-            raise DirectoryError(f"postmaster: {e}") from None
 
 
 def _force_directory_reread(directory: Any) -> None:
@@ -269,10 +249,8 @@ class ReloadService(service.Service):
         from mailtwist.tls import FileStamp, load_server_tls
 
         current = self.tls.material
-        if not self.tls.changed_on_disk():
-            return False
         stamps = (FileStamp.of(current.cert_path), FileStamp.of(current.key_path))
-        if stamps == self._failed_stamps:
+        if stamps in (current.stamps, self._failed_stamps):
             return False
         try:
             material = load_server_tls(current.cert_path, current.key_path)

@@ -363,7 +363,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None,
     from mailtwist.smtp.server import SMTPFactory
     from mailtwist.storage.store import MailStore
     from mailtwist.throttle import LoginThrottle
-    from mailtwist.tls import ensure_certificate, server_context_factory
+    from mailtwist.tls import ensure_default_certificate, server_context_factory
     from mailtwist.workers import AdoptedEndpoint
 
     try:
@@ -371,11 +371,7 @@ def build_service(config: Config, reactor=None, filters: dict | None = None,
     except OSError as e:
         raise ConfigError(f"data_dir: cannot create {config.data_dir}: {e.strerror}") from None
     if config.tls_cert is None:
-        try:
-            cert, key, fp = ensure_certificate(config.data_dir, config.hostname)
-        except OSError as e:
-            raise ConfigError(f"tls: cannot create a certificate in "
-                              f"{config.data_dir / 'tls'}: {e.strerror}") from None
+        cert, key, fp = ensure_default_certificate(config.data_dir, config.hostname)
         log.info("TLS certificate {cert} (self-signed) SHA-256 fingerprint {fp}",
                  cert=cert, fp=fp)
     tls_context = server_context_factory(config.cert_path, config.key_path)
@@ -545,8 +541,9 @@ def makeService(options: Options) -> service.IService:
     """twistd's entry point: build from the config file plus options, or exit with one line."""
     from mailtwist.directory import DirectoryError
 
+    overrides = options.overrides()
     try:
-        config = load_config(options["config"], options.overrides())
+        config = load_config(options["config"], overrides)
         os.umask(os.umask(0o077) | 0o077)  # whatever we create: private to the server
         top = build_service(config)
         hand_over(config, _twistd_owner(options))
@@ -555,7 +552,7 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.flush()
         raise SystemExit(1)
     # SIGHUP reloads with the same options; only the real server takes the signal.
-    top.config_overrides = options.overrides()
+    top.config_overrides = overrides
     top.reload_service.install_signal = True
     from twisted.internet import reactor
 

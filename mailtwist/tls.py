@@ -81,6 +81,16 @@ def ensure_certificate(data_dir: str | os.PathLike, hostname: str) -> tuple[Path
     return cert_path, key_path, fingerprint(cert_path.read_bytes())
 
 
+def ensure_default_certificate(data_dir: Path, hostname: str) -> tuple[Path, Path, str]:
+    """:func:`ensure_certificate` for the server (start and reload): a directory
+    it cannot write is a ConfigError naming it."""
+    try:
+        return ensure_certificate(data_dir, hostname)
+    except OSError as e:
+        raise ConfigError(f"tls: cannot create a certificate in "
+                          f"{data_dir / 'tls'}: {e.strerror}") from None
+
+
 # Mozilla's "intermediate" TLS 1.2 suites (ECDHE key exchange, AEAD ciphers only;
 # its DHE suites are left out since no DH parameters are configured). TLS 1.3
 # suites are OpenSSL's defaults, all of them AEAD.
@@ -160,8 +170,7 @@ def load_server_tls(cert_path: Path, key_path: Path) -> TLSMaterial:
         ) from None
     # CertificateOptions already sets OP_NO_COMPRESSION and OP_CIPHER_SERVER_PREFERENCE.
     context.set_options(SSL.OP_NO_RENEGOTIATION)
-    fp = certs[0].to_cryptography().fingerprint(hashes.SHA256()).hex(":").upper()
-    return TLSMaterial(cert_path, key_path, context, fp, stamps)
+    return TLSMaterial(cert_path, key_path, context, fingerprint(cert_pem), stamps)
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -183,11 +192,6 @@ class ServerTLS:
     def switch(self, material: TLSMaterial) -> None:
         """Serve *material* from the next handshake on."""
         self.material = material
-
-    def changed_on_disk(self) -> bool:
-        """Whether the certificate or key file differs from the one being served."""
-        m = self.material
-        return (FileStamp.of(m.cert_path), FileStamp.of(m.key_path)) != m.stamps
 
     def getContext(self) -> SSL.Context:  # noqa: N802 - IOpenSSLContextFactory
         return self.material.context

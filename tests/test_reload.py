@@ -27,7 +27,7 @@ from mailtwist.config import ROLES, Config, load_config
 from mailtwist.directory import FileDirectory
 from mailtwist.reload import PID_FILE, ReloadService, Reloader
 from mailtwist.tap import build_service
-from mailtwist.tls import ServerTLS, load_server_tls, make_self_signed
+from mailtwist.tls import ServerTLS, fingerprint, load_server_tls, make_self_signed
 
 from .support import DOMAIN, PASSWORD, client_tls_context
 
@@ -217,6 +217,24 @@ class RefusedTests(ReloadCase):
         self.assertIs(self.server.session_factories[0][1].filters, before)
 
 
+    @defer.inlineCallbacks
+    def test_bad_directory_settings_are_refused(self):
+        """A postmaster that is no address, or '@' as plus separator, refuses the
+        reload (load_config checks them) and the running values stay."""
+        yield self.start()
+        for extra, named in (('postmaster = "not an address"', "postmaster"),
+                             ('plus_separator = "@"', "plus_separator")):
+            self.log.lines.clear()
+            self.write_config(extra)
+            self.assertFalse(self.server.reload())
+            refused = self.log.matching("reload refused:")
+            self.assertEqual(len(refused), 1, self.log.lines)
+            self.assertIn(named, refused[0])
+        self.assertIsNone(self.server.config.postmaster)
+        self.assertEqual(self.server.config.plus_separator, "+")
+        self.assertEqual(self.server.directory.plus_separator, "+")
+
+
 class AppliedTests(ReloadCase):
     @defer.inlineCallbacks
     def test_limits_apply_to_new_sessions(self):
@@ -365,7 +383,7 @@ class CertificateWatchTests(unittest.TestCase):
             os.replace(tmp, self.key)
         else:
             self.pending_key = key
-        return load_server_tls_fp(cert)
+        return fingerprint(cert)
 
     def test_renewed_file_is_served_after_the_interval(self):
         """A renewed certificate is picked up at the next check, not before."""
@@ -389,12 +407,6 @@ class CertificateWatchTests(unittest.TestCase):
         os.replace(tmp, self.key)
         self.clock.advance(self.service.cert_interval)
         self.assertEqual(self.tls.fingerprint, new)
-
-
-def load_server_tls_fp(cert_pem: bytes) -> str:
-    from mailtwist.tls import fingerprint
-
-    return fingerprint(cert_pem)
 
 
 class TwistdTests(unittest.TestCase):
