@@ -127,11 +127,8 @@ class CountingFactory(WrappingFactory):
         super().__init__(wrapped)
         self.counter = counter
 
-    def buildProtocol(self, addr):
-        protocol = self.wrappedFactory.buildProtocol(addr)
-        if protocol is not None:
-            self.counter.inc()
-        return protocol
+    def built(self, protocol) -> None:
+        self.counter.inc()
 
 
 class CountingDispatcher(_Proxy):

@@ -39,11 +39,8 @@ class TrackingFactory(WrappingFactory):
         super().__init__(wrapped)
         self.tracker = tracker
 
-    def buildProtocol(self, addr):
-        protocol = self.wrappedFactory.buildProtocol(addr)
-        if protocol is not None:
-            self.tracker.sessions.add(protocol)
-        return protocol
+    def built(self, protocol) -> None:
+        self.tracker.sessions.add(protocol)
 
 
 def in_transaction(session: Any) -> bool:

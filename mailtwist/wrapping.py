@@ -15,7 +15,8 @@ from twisted.internet.protocol import Factory
 
 
 class WrappingFactory(Factory):
-    """Delegates everything to ``wrappedFactory``; subclasses override buildProtocol."""
+    """Delegates everything to ``wrappedFactory``; subclasses override :meth:`built`
+    (or buildProtocol, to decide whether the wrapped factory is asked at all)."""
 
     def __init__(self, wrapped: Factory) -> None:
         self.wrappedFactory = wrapped
@@ -34,4 +35,10 @@ class WrappingFactory(Factory):
         return self.wrappedFactory.logPrefix()
 
     def buildProtocol(self, addr: Any) -> Any:
-        return self.wrappedFactory.buildProtocol(addr)
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is not None:
+            self.built(protocol)
+        return protocol
+
+    def built(self, protocol: Any) -> None:
+        """Called with each protocol the wrapped factory built (None ones are not)."""
