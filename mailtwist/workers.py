@@ -281,11 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     pipe = MainPipe(args.pipe_fd)
     globalLogBeginner.beginLoggingTo([pipe], redirectStandardIO=False)
     os.umask(os.umask(0o077) | 0o077)
-    config = load_config(args.config, json.loads(args.overrides))
+    overrides = json.loads(args.overrides)
+    config = load_config(args.config, overrides)
     top = build_service(config, reactor, worker=parse_listen(args.listen),
                         queue_notifier=pipe)
     top.worker_index = args.index
-    top.config_overrides = json.loads(args.overrides)
+    top.config_overrides = overrides
     top.reload_service.install_signal = True
     service.IService(top).startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
