@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
 
-from mailtwist.config import ROLES, load_config
+from mailtwist.config import ROLES, ConfigError, load_config
+from mailtwist.filters import chain as chain_module
 from mailtwist.tap import MailService, build_service
 
 DOMAIN = "example.test"
@@ -104,3 +111,90 @@ def require_program(testcase, name: str) -> str:
     if path is None:
         testcase.skipTest(f"{name} is not installed (.ci/run installs it)")
     return path
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One CRLF line, read byte by byte so nothing is buffered past it."""
+    line = bytearray()
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
+def record_peak(factory, measure) -> list[int]:
+    """Wrap *factory*'s sessions so every dataReceived records *measure(session)*.
+
+    A TLS listener's factory is unwrapped to the protocol factory behind it."""
+    factory = getattr(factory, "wrappedFactory", factory)
+    peaks: list[int] = []
+    build = factory.buildProtocol
+
+    def buildProtocol(addr):
+        session = build(addr)
+        received = session.dataReceived
+
+        def dataReceived(data):
+            received(data)
+            peaks.append(measure(session))
+        session.dataReceived = dataReceived
+        peaks.append(0)
+        return session
+    factory.buildProtocol = buildProtocol
+    return peaks
+
+
+class InlineReactor(Clock):
+    """A Clock that also runs callFromThread calls at once."""
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        f(*args, **kwargs)
+
+
+class InlineThreadPool:
+    """Runs deferToThreadPool work synchronously (bcrypt at 4 rounds is quick)."""
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+def capture_chain_log(testcase) -> list[dict]:
+    """The events the filter chain logs for the rest of *testcase*."""
+    events: list[dict] = []
+    testcase.patch(chain_module, "log", Logger(observer=events.append))
+    return events
+
+
+def logged_text(events: list[dict]) -> str:
+    return "\n".join(formatEvent(e) for e in events)
+
+
+def output_until(proc, done, timeout: float = 60) -> str:
+    """What *proc* writes to its stdout pipe until ``done(output)``, EOF or *timeout*."""
+    output, deadline = "", time.monotonic() + timeout
+    while not done(output) and time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], 1)[0]:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536).decode("utf-8", "replace")
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
+def assert_one_line_config_errors(testcase, build, cases: dict) -> None:
+    """Each ``build(settings)`` of *cases* raises a one-line ConfigError starting
+    with its key."""
+    for expected, settings in cases.items():
+        with testcase.assertRaises(ConfigError) as caught:
+            build(settings)
+        message = str(caught.exception)
+        testcase.assertTrue(message.startswith(expected), message)
+        testcase.assertNotIn("\n", message)

@@ -19,19 +19,26 @@ from mailtwist.directory import FileDirectory
 from mailtwist.smtp.policy import AuthenticatedSender, SMTPPolicy
 
 
+def directory_and_pool(testcase) -> tuple[FileDirectory, ThreadPool]:
+    """A directory of example.test with alice (password "secret") at 4 bcrypt
+    rounds, and a started thread pool stopped at the end of *testcase*."""
+    data_dir = testcase.mktemp()
+    os.mkdir(data_dir)
+    directory = FileDirectory(data_dir)
+    directory.bcrypt_rounds = 4
+    directory.add_domain("example.test")
+    directory.add_account("alice@example.test", "secret")
+    pool = ThreadPool(0, 2, name="test-bcrypt")
+    pool.start()
+    testcase.addCleanup(pool.stop)
+    return directory, pool
+
+
 class CheckerTests(unittest.TestCase):
     def setUp(self):
-        data_dir = self.mktemp()
-        os.mkdir(data_dir)
-        self.directory = FileDirectory(data_dir)
-        self.directory.bcrypt_rounds = 4
-        self.directory.add_domain("example.test")
-        self.directory.add_account("alice@example.test", "secret")
+        self.directory, self.pool = directory_and_pool(self)
         self.directory.add_account("dis@example.test", "secret")
         self.directory.set_account_enabled("dis@example.test", False)
-        self.pool = ThreadPool(0, 2, name="test-bcrypt")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
         self.checker = BcryptChecker(self.directory, reactor, self.pool)
 
     def test_interfaces(self):
@@ -94,15 +101,7 @@ class VerifiedCacheTests(unittest.TestCase):
 
         from mailtwist.auth import VerifiedCache
 
-        data_dir = self.mktemp()
-        os.mkdir(data_dir)
-        self.directory = FileDirectory(data_dir)
-        self.directory.bcrypt_rounds = 4
-        self.directory.add_domain("example.test")
-        self.directory.add_account("alice@example.test", "secret")
-        self.pool = ThreadPool(0, 2, name="test-bcrypt")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
+        self.directory, self.pool = directory_and_pool(self)
         self.clock = task.Clock()
         self.cache = VerifiedCache(self.clock, ttl=300, size=100)
         CountingChecker.verified = 0

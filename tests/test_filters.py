@@ -9,14 +9,12 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 import mailtwist.plugins
 from mailtwist.config import ConfigError, load_config
 from mailtwist.filters import Filter, FilterFactory, apply_header_actions, header_values
-from mailtwist.filters import chain as chain_module
 from mailtwist.filters.builtin import HeaderFolderFilter, header_folder
 from mailtwist.filters.chain import FilterChain
 from mailtwist.filters.loader import (build_chains, format_listing, installed_factories,
@@ -38,6 +36,7 @@ from mailtwist.interfaces import (
     TempFail,
 )
 from mailtwist.testing import DOMAIN, FilterTestServer
+from tests.support import capture_chain_log, logged_text
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -90,17 +89,6 @@ class Hanging(Filter):
 
     def rcpt_to(self, session, recipient):
         return defer.Deferred()
-
-
-def capture_chain_log(testcase) -> list[dict]:
-    events: list[dict] = []
-    testcase.patch(chain_module, "log", Logger(observer=events.append))
-    return events
-
-
-def logged_text(events: list[dict]) -> str:
-    from twisted.logger import formatEvent
-    return "\n".join(formatEvent(e) for e in events)
 
 
 class InterfaceTests(unittest.SynchronousTestCase):

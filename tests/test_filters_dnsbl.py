@@ -11,7 +11,6 @@ from twisted.names import dns
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailtwist.config import ConfigError
 from mailtwist.filters import header_values
 from mailtwist.filters.dnsbl import (
     DNSBLFilter,
@@ -31,6 +30,7 @@ from mailtwist.interfaces import (
 )
 from mailtwist.testing import FilterTestServer
 from tests.dnsserver import TestDNSServer
+from tests.support import assert_one_line_config_errors
 
 
 class SilentDNS(protocol.DatagramProtocol):
@@ -273,9 +273,4 @@ class DNSBLTests(unittest.TestCase):
                                                              "threshold": "2"},
             "filters.dnsbl.zone: unknown setting": {"zone": "bl.test"},
         }
-        for expected, settings in cases.items():
-            with self.assertRaises(ConfigError) as caught:
-                build_filter("dnsbl", settings)
-            message = str(caught.exception)
-            self.assertTrue(message.startswith(expected), message)
-            self.assertNotIn("\n", message)
+        assert_one_line_config_errors(self, lambda s: build_filter("dnsbl", s), cases)

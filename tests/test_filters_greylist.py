@@ -9,7 +9,6 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailtwist.config import ConfigError
 from mailtwist.filters.dnsbl import dnsbl
 from mailtwist.filters.greylist import (
     GreylistFilter,
@@ -28,6 +27,7 @@ from mailtwist.interfaces import (
 )
 from mailtwist.testing import FilterTestServer
 from tests.dnsserver import TestDNSServer
+from tests.support import assert_one_line_config_errors
 
 MESSAGE = b"From: bob@sender.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 DAY = 86400
@@ -299,9 +299,5 @@ class GreylistTests(unittest.TestCase):
             "filters.greylist.expire: must be more than 0": {"expire": 0},
             "filters.greylist.whitelist: unknown setting": {"whitelist": []},
         }
-        for expected, settings in cases.items():
-            with self.assertRaises(ConfigError) as caught:
-                build_filter("greylist", settings, context=context)
-            message = str(caught.exception)
-            self.assertTrue(message.startswith(expected), message)
-            self.assertNotIn("\n", message)
+        assert_one_line_config_errors(
+            self, lambda s: build_filter("greylist", s, context=context), cases)

@@ -8,16 +8,15 @@ import imaplib
 
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailtwist.filters import Filter, FilterFactory
-from mailtwist.filters import chain as chain_module
 from mailtwist.filters.chain import FilterChain
 from mailtwist.interfaces import IFilter, MailboxEvent, Reject
 from mailtwist.testing import DOMAIN, PASSWORD, FilterTestServer
+from tests.support import capture_chain_log, logged_text
 
 ALICE = f"alice@{DOMAIN}"
 SPAM = b"From: spammer@example.test\r\nSubject: win big\r\n\r\nclick here\r\n"
@@ -61,17 +60,6 @@ class NoMailboxMethod:
     """An older filter object (written before mailbox events): no mailbox_event."""
 
     name = "older"
-
-
-def capture_chain_log(testcase) -> list[dict]:
-    events: list[dict] = []
-    testcase.patch(chain_module, "log", Logger(observer=events.append))
-    return events
-
-
-def logged_text(events: list[dict]) -> str:
-    from twisted.logger import formatEvent
-    return "\n".join(formatEvent(e) for e in events)
 
 
 learner_factory = FilterFactory("learner", lambda settings: Learner())

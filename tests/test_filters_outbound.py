@@ -5,12 +5,10 @@ mail queued without a client (notices)."""
 from __future__ import annotations
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailtwist.filters import Filter, FilterFactory, header_values
-from mailtwist.filters import chain as chain_module
 from mailtwist.filters.chain import FilterChain, FilterError
 from mailtwist.interfaces import (
     AddHeader,
@@ -25,6 +23,7 @@ from mailtwist.interfaces import (
 )
 from mailtwist.queue.envelope import DELIVERED, FAILED, PENDING
 from mailtwist.testing import DOMAIN, FilterTestServer
+from tests.support import capture_chain_log, logged_text
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -90,17 +89,6 @@ class OldStyle:
 
     def delivery(self, session, message, target):
         return Continue()
-
-
-def capture_chain_log(testcase) -> list[dict]:
-    events: list[dict] = []
-    testcase.patch(chain_module, "log", Logger(observer=events.append))
-    return events
-
-
-def logged_text(events: list[dict]) -> str:
-    from twisted.logger import formatEvent
-    return "\n".join(formatEvent(e) for e in events)
 
 
 class SubmissionOutboundTests(unittest.TestCase):

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailtwist.cli import main
-from mailtwist.config import ConfigError, load_config
+from mailtwist.config import load_config
 from mailtwist.filters.dnsbl import DNSBLFilter
 from mailtwist.filters.greylist import GreylistFilter
 from mailtwist.filters.loader import build_chains, build_filter, installed_factories
@@ -25,6 +25,7 @@ from mailtwist.interfaces import (
     IFilterFactory,
 )
 from mailtwist.testing import FilterTestServer
+from tests.support import assert_one_line_config_errors
 
 MESSAGE = b"From: bob@sender.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -190,12 +191,7 @@ class RateLimitTests(unittest.TestCase):
             "filters.ratelimit.user_messages: expected an integer": {"user_messages": "10"},
             "filters.ratelimit.messages: unknown setting": {"messages": 3},
         }
-        for expected, settings in cases.items():
-            with self.assertRaises(ConfigError) as caught:
-                build_filter("ratelimit", settings)
-            message = str(caught.exception)
-            self.assertTrue(message.startswith(expected), message)
-            self.assertNotIn("\n", message)
+        assert_one_line_config_errors(self, lambda s: build_filter("ratelimit", s), cases)
 
 
 class ConfigurationTests(unittest.TestCase):

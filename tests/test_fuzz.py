@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from twisted.cred import credentials
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -55,7 +54,7 @@ from mailtwist.pop3 import LineBuffer, POP3Server, register_pop3
 from mailtwist.pop3 import LineTooLong as POP3LineTooLong
 from mailtwist.smtp import wire as smtp_wire
 from mailtwist.storage.store import MailStore
-from tests.support import ServerMixin
+from tests.support import InlineReactor, InlineThreadPool, ServerMixin
 from mailtwist.smtp.wire import (
     MAX_ADDRESS,
     DataContent,
@@ -597,25 +596,6 @@ class ConfigFuzzTests(SynchronousTestCase):
 # --------------------------------------------------------------------------
 
 
-class InlineReactor(Clock):
-    """A Clock that also runs callFromThread calls at once."""
-
-    def callFromThread(self, f, *args, **kwargs) -> None:
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    """Runs deferToThreadPool work synchronously."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
 SESSION_USER = "alice@example.test"
 
 
@@ -688,22 +668,29 @@ def imap_session(draw) -> bytes:
     return b"".join(out)
 
 
+def session_fixture(testcase, register) -> None:
+    """Give *testcase* an inline clock, a MailStore under its temp ``root`` holding
+    MESSAGES for SESSION_USER, a portal whose realm *register* served, and a Config
+    allowing plaintext logins without delay."""
+    testcase.clock = InlineReactor()
+    testcase.root = Path(testcase.mktemp()).resolve()
+    testcase.store = MailStore(testcase.root / "mail", "mx.example.test")
+    realm = MailRealm()
+    register(realm, testcase.store, testcase.clock, InlineThreadPool())
+    testcase.portal = Portal(realm, [AnyPassword()])
+    testcase.config = Config()
+    testcase.config.allow_plaintext_auth = True
+    testcase.config.auth_failure_delay = 0
+    for message in MESSAGES:
+        testcase.store.maildir(SESSION_USER).deliver(message)
+
+
 class IMAPSessionFuzzTests(SynchronousTestCase):
     """Random command sequences against IMAPServer over a real Maildir (threads
     and timers run inline): the arguments of every command reach their parser."""
 
     def setUp(self) -> None:
-        self.clock = InlineReactor()
-        self.root = Path(self.mktemp()).resolve()
-        self.store = MailStore(self.root / "mail", "mx.example.test")
-        realm = MailRealm()
-        register_imap(realm, self.store, self.clock, InlineThreadPool())
-        self.portal = Portal(realm, [AnyPassword()])
-        self.config = Config()
-        self.config.allow_plaintext_auth = True
-        self.config.auth_failure_delay = 0
-        for message in MESSAGES:
-            self.store.maildir(SESSION_USER).deliver(message)
+        session_fixture(self, register_imap)
 
     def run_session(self, stream: bytes, cuts: list[int]) -> bytes:
         server = IMAPServer(self.portal, self.config, reactor=self.clock,
@@ -758,16 +745,7 @@ class POP3SessionFuzzTests(SynchronousTestCase):
     """Random command sequences against POP3Server over a real Maildir."""
 
     def setUp(self) -> None:
-        self.clock = InlineReactor()
-        self.store = MailStore(Path(self.mktemp()).resolve() / "mail", "mx.example.test")
-        realm = MailRealm()
-        register_pop3(realm, self.store, self.clock, InlineThreadPool())
-        self.portal = Portal(realm, [AnyPassword()])
-        self.config = Config()
-        self.config.allow_plaintext_auth = True
-        self.config.auth_failure_delay = 0
-        for message in MESSAGES:
-            self.store.maildir(SESSION_USER).deliver(message)
+        session_fixture(self, register_pop3)
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(pop3_session(), st.booleans())

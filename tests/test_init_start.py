@@ -7,15 +7,15 @@ from __future__ import annotations
 import imaplib
 import os
 import re
-import select
 import smtplib
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from twisted.trial import unittest
+
+from tests.support import output_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -55,14 +55,7 @@ class InitThenStartTests(unittest.TestCase):
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.terminate)
-        output, deadline = "", time.monotonic() + 60
-        while len(LISTENING.findall(output)) < 2 and time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], 1)[0]:
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536).decode("utf-8", "replace")
-            if not chunk:
-                break
-            output += chunk
+        output = output_until(proc, lambda out: len(LISTENING.findall(out)) >= 2)
         ports = {role: int(port) for role, port in LISTENING.findall(output)}
         self.assertEqual(set(ports), {"smtp", "imap"}, output)
         return ports

@@ -8,7 +8,6 @@ import os
 import poplib
 import shutil
 import socket
-import ssl
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from twisted.cred import credentials, error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.mail.pop3 import IMailbox
@@ -46,6 +45,7 @@ from mailtwist.pop3 import (
 from mailtwist.storage.maildir import Folder
 from mailtwist.storage.store import MailStore
 from mailtwist.tls import ensure_certificate, server_context_factory
+from tests.support import InlineReactor, InlineThreadPool, client_tls_context, read_line
 
 DOMAIN = "example.test"
 ALICE = f"alice@{DOMAIN}"
@@ -121,25 +121,6 @@ class HelperTests(unittest.TestCase):
 
 
 # Protocol edge cases, synchronous: threads run inline, time is a Clock.
-
-
-class InlineReactor(Clock):
-    """A Clock that also runs callFromThread calls at once."""
-
-    def callFromThread(self, f, *args, **kwargs) -> None:
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    """Runs deferToThreadPool work synchronously."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class TLSStringTransport(StringTransport):
@@ -557,25 +538,6 @@ class SessionTests(unittest.TestCase):
 
 
 # The real server on 127.0.0.1.
-
-
-def client_tls_context() -> ssl.SSLContext:
-    """Accepts the server's self-signed certificate."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """One CRLF line, read byte by byte so nothing is buffered past it."""
-    line = bytearray()
-    while not line.endswith(b"\r\n"):
-        byte = sock.recv(1)
-        if not byte:
-            break
-        line += byte
-    return bytes(line)
 
 
 def read_multiline(sock: socket.socket) -> list[bytes]:

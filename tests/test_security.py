@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailtwist import auth as auth_module
-from tests.support import DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_some
+from tests.support import (DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_some,
+                           record_peak)
 
 SMUGGLING_ENDINGS = (b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n",
                      b"\r\n\x00.\r\n", b"\n.\r")
@@ -248,22 +249,7 @@ class CommandFloodTests(ServerMixin, unittest.TestCase):
 
     def record_peak(self, role: str, measure) -> list[int]:
         """Wrap the listener's sessions so every dataReceived records *measure(session)*."""
-        factory = self.server.listeners[role][0].factory
-        peaks: list[int] = []
-        build = factory.buildProtocol
-
-        def buildProtocol(addr):
-            session = build(addr)
-            received = session.dataReceived
-
-            def dataReceived(data):
-                received(data)
-                peaks.append(measure(session))
-            session.dataReceived = dataReceived
-            peaks.append(0)
-            return session
-        factory.buildProtocol = buildProtocol
-        return peaks
+        return record_peak(self.server.listeners[role][0].factory, measure)
 
     @staticmethod
     def flood(port: int, size: int, after: bytes) -> tuple[bytes, bool]:

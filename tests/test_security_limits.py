@@ -37,29 +37,11 @@ from mailtwist.pop3 import MailboxLocks, POP3Server, register_pop3
 from mailtwist.smtp.policy import SMTPPolicy
 from mailtwist.smtp.server import MailtwistSMTP, SMTPFactory
 from mailtwist.storage.store import MailStore
-from tests.support import DOMAIN, PASSWORD, ServerMixin, client_tls_context
+from tests.support import (DOMAIN, PASSWORD, InlineReactor, InlineThreadPool, ServerMixin,
+                           client_tls_context)
 
 HOST = "mx.example.test"
 ALICE = f"alice@{DOMAIN}"
-
-
-class InlineReactor(Clock):
-    """A Clock that also runs callFromThread calls at once."""
-
-    def callFromThread(self, f, *args, **kwargs) -> None:
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    """Runs deferToThreadPool work synchronously (bcrypt at 4 rounds is quick)."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class ClockStack:

@@ -20,27 +20,7 @@ from twisted.internet import defer
 from mailtwist import mutf7
 from mailtwist.imap.wire import MAX_LINE, MAX_SKIP
 from tests.imap_support import ALICE, IMAPTestCase, RawIMAP
-from tests.support import DOMAIN, PASSWORD, read_some
-
-
-def record_peak(factory, measure) -> list[int]:
-    """Wrap *factory*'s sessions so every dataReceived records *measure(session)*."""
-    factory = getattr(factory, "wrappedFactory", factory)
-    peaks: list[int] = []
-    build = factory.buildProtocol
-
-    def buildProtocol(addr):
-        session = build(addr)
-        received = session.dataReceived
-
-        def dataReceived(data):
-            received(data)
-            peaks.append(measure(session))
-        session.dataReceived = dataReceived
-        peaks.append(0)
-        return session
-    factory.buildProtocol = buildProtocol
-    return peaks
+from tests.support import DOMAIN, PASSWORD, read_some, record_peak
 
 
 def lines_until_quiet(sock: socket.socket, wait: float = 0.5) -> list[bytes]:

@@ -15,7 +15,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.imap_support import RawIMAP
-from tests.support import DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_some
+from tests.support import (DOMAIN, PASSWORD, ServerMixin, client_tls_context, read_line,
+                           read_some)
 
 ALICE = f"alice@{DOMAIN}"
 
@@ -24,26 +25,10 @@ def read_reply(sock: socket.socket) -> bytes:
     """One complete SMTP reply (all its lines), read byte by byte."""
     data = bytearray()
     while True:
-        line = bytearray()
-        while not line.endswith(b"\r\n"):
-            byte = sock.recv(1)
-            if not byte:
-                return bytes(data + line)
-            line += byte
+        line = read_line(sock)
         data += line
-        if line[3:4] == b" ":
+        if not line.endswith(b"\r\n") or line[3:4] == b" ":
             return bytes(data)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """One CRLF line, read byte by byte so nothing is buffered past it."""
-    line = bytearray()
-    while not line.endswith(b"\r\n"):
-        byte = sock.recv(1)
-        if not byte:
-            break
-        line += byte
-    return bytes(line)
 
 
 class SMTPStartTLSTests(ServerMixin, unittest.TestCase):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from twisted.trial import unittest
 
 from mailtwist.config import ConfigError, default_listeners, load_config, sample_config
+from tests.support import output_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,14 +122,7 @@ class TwistdTests(unittest.TestCase):
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.terminate)
-        output, deadline = "", time.monotonic() + 60
-        while output.count(" listening on ") < 5 and time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], 1)[0]:
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536).decode("utf-8", "replace")
-            if not chunk:
-                break
-            output += chunk
+        output = output_until(proc, lambda out: out.count(" listening on ") >= 5)
         self.assertEqual(output.count(" listening on "), 5, output)
         self.assertIn("fingerprint", output)
         self.assertIn("demo@example.test", output)
